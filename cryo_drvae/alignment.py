@@ -1,0 +1,150 @@
+"""In-plane alignment: every class reference at every rotation and shift, scored as one matmul.
+
+A reference is mapped onto a grid of poses (psi, shift) by one sparse bilinear-interpolation
+operator, restricted to the pixels inside a circular mask. Scoring ``n`` images against
+``K`` references at ``P`` poses is then a dense ``(n, M) @ (M, K*P)`` product, which is what
+BLAS and GPUs do fastest. The adjoint operator brings pose-weighted sums of images back into
+each reference's frame for the class averages.
+
+Pose convention (working-box pixels, x = column, y = row, centre c = box // 2)::
+
+    image(p) = reference(R(psi) (p - c - shift) + c),   R(psi) = [[cos, -sin], [sin, cos]]
+
+``to_relion_pose`` converts it to RELION's ``rlnAnglePsi`` / ``rlnOriginX/YAngst``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+logger = logging.getLogger(__name__)
+
+# RELION's sign for origins relative to ours: origin = ORIGIN_SIGN * shift (see to_relion_pose).
+ORIGIN_SIGN = -1.0
+PSI_SIGN = 1.0
+
+
+@dataclass(frozen=True)
+class PoseGrid:
+    """All in-plane poses searched: ``n_psi`` rotations times ``n_shifts`` shifts (pose = r * S + s)."""
+
+    psi_deg: NDArray          # (R,)
+    shifts: NDArray           # (S, 2) x, y in working pixels
+
+    @property
+    def n_poses(self) -> int:
+        return len(self.psi_deg) * len(self.shifts)
+
+    def decode(self, pose_index: NDArray) -> tuple[NDArray, NDArray]:
+        """Pose indices -> (psi in degrees ``(n,)``, shift in working pixels ``(n, 2)``)."""
+        pose_index = np.asarray(pose_index)
+        n_shifts = len(self.shifts)
+        return self.psi_deg[pose_index // n_shifts], self.shifts[pose_index % n_shifts]
+
+
+def make_pose_grid(psi_step_deg: float, max_shift_px: float, shift_step_px: float = 1.0) -> PoseGrid:
+    """Rotations every ``psi_step_deg`` and integer-step shifts inside a disc of ``max_shift_px``."""
+    n_psi = max(1, int(round(360.0 / psi_step_deg)))
+    psi = np.arange(n_psi) * (360.0 / n_psi)
+    reach = int(math.floor(max_shift_px / shift_step_px))
+    steps = np.arange(-reach, reach + 1) * shift_step_px
+    sx, sy = np.meshgrid(steps, steps, indexing="xy")
+    inside = sx ** 2 + sy ** 2 <= max_shift_px ** 2 + 1e-6
+    shifts = np.stack([sx[inside], sy[inside]], axis=1)
+    shifts = shifts[np.argsort(np.hypot(shifts[:, 0], shifts[:, 1]), kind="stable")]
+    return PoseGrid(psi, shifts)
+
+
+def circular_mask(box_size: int, radius: float) -> NDArray[np.bool_]:
+    """Boolean ``(box, box)`` disc of ``radius`` pixels around the centre ``box // 2``."""
+    coords = np.arange(box_size) - box_size // 2
+    return (coords[None, :] ** 2 + coords[:, None] ** 2) <= radius ** 2
+
+
+class PoseOperator:
+    """Sparse linear map from a full ``(box, box)`` reference to its masked pixels at every pose.
+
+    ``forward`` gives templates ``(K, P, M)``; ``adjoint`` maps ``(K, P, M)`` back to ``(K, box, box)``.
+    """
+
+    def __init__(self, box_size: int, grid: PoseGrid, mask: NDArray[np.bool_],
+                 device: torch.device | str = "cpu"):
+        self.box_size = box_size
+        self.grid = grid
+        self.mask = mask
+        self.n_masked = int(mask.sum())
+        self.device = torch.device(device)
+        self._matrix = self._build().to(self.device)
+        self._matrix_t = self._matrix.t().coalesce() if self.device.type == "cpu" else self._matrix.t()
+
+    def _build(self) -> torch.Tensor:
+        box, c = self.box_size, self.box_size // 2
+        rows_px, cols_px = np.nonzero(self.mask)
+        px = np.stack([cols_px - c, rows_px - c], axis=1).astype(np.float64)   # (M, 2) x, y
+        psi = np.deg2rad(self.grid.psi_deg)
+        cos, sin = np.cos(psi)[:, None, None], np.sin(psi)[:, None, None]
+        rel = px[None, :, :] - self.grid.shifts[:, None, :]                     # (S, M, 2)
+        rel = rel[None]                                                          # (1, S, M, 2)
+        src_x = cos * rel[..., 0] - sin * rel[..., 1] + c                        # (R, S, M)
+        src_y = sin * rel[..., 0] + cos * rel[..., 1] + c
+        x0, y0 = np.floor(src_x), np.floor(src_y)
+        fx, fy = src_x - x0, src_y - y0
+        out_rows = np.arange(src_x.size).reshape(src_x.shape)
+        indices, values = [], []
+        for dx, dy, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                               (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+            xs, ys = x0 + dx, y0 + dy
+            ok = (xs >= 0) & (xs < box) & (ys >= 0) & (ys < box) & (weight > 1e-9)
+            indices.append(np.stack([out_rows[ok], (ys[ok] * box + xs[ok]).astype(np.int64)]))
+            values.append(weight[ok])
+        index = torch.from_numpy(np.concatenate(indices, axis=1))
+        value = torch.from_numpy(np.concatenate(values).astype(np.float32))
+        shape = (src_x.size, box * box)
+        return torch.sparse_coo_tensor(index, value, shape).coalesce()
+
+    def forward(self, references: torch.Tensor) -> torch.Tensor:
+        """``(K, box, box)`` references -> ``(K, P, M)`` templates."""
+        k = references.shape[0]
+        flat = references.reshape(k, -1).t().to(self.device, torch.float32)     # (box², K)
+        out = torch.sparse.mm(self._matrix, flat)                               # (P*M, K)
+        return out.t().reshape(k, self.grid.n_poses, self.n_masked)
+
+    def adjoint(self, stacks: torch.Tensor) -> torch.Tensor:
+        """``(K, P, M)`` pose-resolved sums -> ``(K, box, box)`` in the reference frame."""
+        k = stacks.shape[0]
+        flat = stacks.reshape(k, -1).t().to(self.device, torch.float32)         # (P*M, K)
+        out = torch.sparse.mm(self._matrix_t, flat)                             # (box², K)
+        return out.t().reshape(k, self.box_size, self.box_size)
+
+    def coverage(self) -> torch.Tensor:
+        """``(box, box)`` sum of interpolation weights over all poses (for normalising averages)."""
+        ones = torch.ones(1, self.grid.n_poses, self.n_masked, device=self.device)
+        return self.adjoint(ones)[0] / self.grid.n_poses
+
+
+def pose_scores(images: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """Inner products ``(n, K, P)`` of masked images ``(n, M)`` with templates ``(K, P, M)``."""
+    k, p, m = templates.shape
+    return (images @ templates.reshape(k * p, m).t()).reshape(-1, k, p)
+
+
+def chunk_size(n_templates: int, budget: int = 1 << 25) -> int:
+    """Particles per chunk so that one ``(chunk, K*P)`` score matrix stays within ``budget`` floats."""
+    return int(max(16, min(8192, budget // max(1, n_templates))))
+
+
+def to_relion_pose(psi_deg: NDArray, shift_px: NDArray) -> tuple[NDArray, NDArray]:
+    """Our pose -> RELION's ``rlnAnglePsi`` (degrees, in (-180, 180]) and origin in the same pixels.
+
+    RELION's 2D projector samples the reference at ``A^-1 p`` with ``A`` the psi Euler matrix,
+    which is our ``R(psi)``; its origin is the offset that re-centres the particle, i.e. minus
+    where the particle sits (checked against ``relion_stack_create --apply_transformation``).
+    """
+    psi = np.mod(PSI_SIGN * np.asarray(psi_deg) + 180.0, 360.0) - 180.0
+    return psi, ORIGIN_SIGN * np.asarray(shift_px)

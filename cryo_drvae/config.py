@@ -1,0 +1,144 @@
+"""Typed run configuration: one frozen dataclass per concern, validated on creation.
+
+``RunConfig.from_options(...)`` builds a config from flat CLI-style options, and
+``to_yaml``/``from_yaml`` round-trip it exactly (unknown keys are an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the particles are and how they are prepared."""
+
+    particles_star: str = ""
+    data_dir: str | None = None        # folder image paths are relative to (default: working dir)
+    particle_diameter: float = 0.0     # Å; 0 = 0.75 x box
+    working_box: int = 0               # px after Fourier cropping; 0 = automatic
+    preread_images: bool = False       # keep the prepared stack in RAM (else a memmap file)
+    use_ctf: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.particle_diameter >= 0, f"data.particle_diameter must be >= 0 Å, got {self.particle_diameter}")
+        _require(self.working_box == 0 or self.working_box >= 16,
+                 f"data.working_box must be 0 (auto) or >= 16 px, got {self.working_box}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """DRVAE network and its training schedule."""
+
+    use_drvae: bool = True
+    latent_dim: int = 16
+    channels: int = 32
+    epochs_initial: int = 6
+    epochs_per_round: int = 2
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    kl_weight: float = 1e-3
+    pseudo_target_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.latent_dim >= 1, f"train.latent_dim must be >= 1, got {self.latent_dim}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.epochs_initial >= 0 and self.epochs_per_round >= 0,
+                 "train.epochs_initial and train.epochs_per_round must be >= 0")
+        _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        _require(0.0 <= self.pseudo_target_weight <= 1.0,
+                 f"train.pseudo_target_weight must be in [0, 1], got {self.pseudo_target_weight}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """BSK-means++ and the outer alignment/classification rounds."""
+
+    n_classes: int = 50
+    balance: float = 0.2               # smallest class >= balance * N / K; 0 = plain K-means++
+    reliable_fraction: float = 0.5     # share of each class used as pseudo targets
+    n_rounds: int = 12                 # --iter: upper bound on outer rounds
+    tolerance: float = 0.002           # stop when fewer than this fraction of labels change
+    psi_step: float = 10.0             # degrees
+    max_shift_px: float = 0.0          # px at the original box; 0 = 10% of the box
+
+    def __post_init__(self) -> None:
+        _require(self.n_classes >= 1, f"cluster.n_classes (--K) must be >= 1, got {self.n_classes}")
+        _require(0.0 <= self.balance <= 1.0, f"cluster.balance must be in [0, 1], got {self.balance}")
+        _require(0.0 < self.reliable_fraction <= 1.0,
+                 f"cluster.reliable_fraction must be in (0, 1], got {self.reliable_fraction}")
+        _require(self.n_rounds >= 1, f"cluster.n_rounds (--iter) must be >= 1, got {self.n_rounds}")
+        _require(0.0 < self.psi_step <= 90.0, f"cluster.psi_step must be in (0, 90] degrees, got {self.psi_step}")
+        _require(self.max_shift_px >= 0, f"cluster.max_shift_px must be >= 0, got {self.max_shift_px}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one classification run needs."""
+
+    output_prefix: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"                # "cpu", "cuda" or "cuda:N"
+    continue_run: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.threads >= 1, f"threads (--j) must be >= 1, got {self.threads}")
+        _require(self.device == "cpu" or self.device.startswith("cuda"),
+                 f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> RunConfig:
+        """Build from flat option names; each goes to the section that has that field."""
+        sections: dict[str, dict[str, Any]] = {"data": {}, "train": {}, "cluster": {}}
+        top: dict[str, Any] = {}
+        owners = {name: section for section, klass in
+                  (("data", DataConfig), ("train", TrainConfig), ("cluster", ClusterConfig))
+                  for name in (f.name for f in dataclasses.fields(klass))}
+        top_names = {f.name for f in dataclasses.fields(cls)}
+        for name, value in options.items():
+            if value is None:
+                continue
+            if name in owners:
+                sections[owners[name]][name] = value
+            elif name in top_names:
+                top[name] = value
+            else:
+                raise ConfigError(f"unknown option {name!r}")
+        return cls(data=DataConfig(**sections["data"]), train=TrainConfig(**sections["train"]),
+                   cluster=ClusterConfig(**sections["cluster"]), **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> RunConfig:
+        raw = yaml.safe_load(text) or {}
+        sub = {"data": DataConfig, "train": TrainConfig, "cluster": ClusterConfig}
+        try:
+            parts = {k: sub[k](**v) if k in sub else v for k, v in raw.items()}
+            return cls(**parts)
+        except TypeError as exc:
+            raise ConfigError(f"config.yaml: {exc}; remove unknown keys") from None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output_prefix).parent
