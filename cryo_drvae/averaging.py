@@ -1,0 +1,109 @@
+"""CTF-corrected class averages: Wiener filtering of aligned, CTF-weighted particle sums.
+
+``wiener_filter`` is shared by the working-box references of the classification rounds and by
+the full-size class averages written at the end, which ``class_averages`` accumulates in one
+streaming pass over the original stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm.auto import tqdm
+
+from .alignment import transform_images
+from .ctf import CtfParams, ctf_images
+from .errors import AbortRequested
+from .preprocess import shell_index
+from .stack import ParticleStack
+
+logger = logging.getLogger(__name__)
+
+
+def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Mean of ``(K, H, W')`` values per integer Fourier shell -> ``(K, n_shells)``."""
+    flat = values.reshape(values.shape[0], -1)
+    index = shells.reshape(-1)
+    sums = torch.zeros(values.shape[0], n_shells, dtype=flat.dtype).index_add_(1, index, flat)
+    return sums / torch.bincount(index, minlength=n_shells).clamp(min=1)
+
+
+def wiener_filter(numerator: torch.Tensor, ctf2: torch.Tensor, noise_var: float,
+                  shells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wiener estimate of class spectra and their spectral SNR.
+
+    Parameters
+    ----------
+    numerator : (K, H, W') complex, ortho rfft of the aligned sums of CTF-weighted particles.
+    ctf2 : (K, H, W') summed squared CTFs of the members.
+    noise_var : per-pixel (and per ortho Fourier component) noise variance.
+    shells : (H, W') integer shell of each coefficient.
+
+    Returns
+    -------
+    spectra : (K, H, W') complex filtered spectra.
+    ssnr : (K, n_shells) spectral signal-to-noise ratio of each class average per shell.
+    """
+    n_shells = int(shells.max()) + 1
+    safe = ctf2.clamp(min=1e-6)
+    excess = ((numerator / safe).abs() ** 2 - noise_var / safe).clamp(min=0)
+    tau2 = shell_mean(excess, shells, n_shells).clamp(min=1e-10)          # signal power per shell
+    spectra = numerator / (ctf2 + noise_var / tau2[:, shells])
+    ssnr = tau2 * shell_mean(ctf2, shells, n_shells) / noise_var
+    return spectra, ssnr
+
+
+def resolution_from_ssnr(ssnr: torch.Tensor, box_size: int, pixel_size: float) -> NDArray:
+    """Resolution (Å) per class: the first shell whose SSNR falls below 1 (999 if none above)."""
+    out = np.full(ssnr.shape[0], 999.0)
+    for k, row in enumerate(ssnr.numpy()):
+        good = np.nonzero(row[1:box_size // 2 + 1] < 1.0)[0]
+        last = (good[0] if len(good) else box_size // 2)      # shells 1..last are above 1
+        if last >= 1:
+            out[k] = box_size * pixel_size / last
+    return out
+
+
+def class_averages(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float,
+                   labels: NDArray, psi_deg: NDArray, shift_px: NDArray, n_classes: int,
+                   noise_var: float, batch_size: int = 1024,
+                   should_abort: Callable[[], bool] = lambda: False) -> tuple[NDArray, NDArray]:
+    """Full-size CTF-corrected averages ``(K, B, B)`` and resolutions ``(K,)`` in one streaming pass.
+
+    ``psi_deg``/``shift_px`` are each particle's pose in our convention, shifts in original pixels.
+    """
+    box = stack.box_size
+    numerator = torch.zeros(n_classes, box, box)
+    ctf2_sum = torch.zeros(n_classes, box, box)
+    for index, images in tqdm(stack.iter_batches(batch_size), desc="class averages",
+                              total=-(-stack.n_particles // batch_size), disable=None, leave=False):
+        spectrum = torch.fft.rfft2(torch.from_numpy(images), norm="ortho")
+        if ctf_params is None:
+            ctf = torch.ones(len(index), box, box)
+        else:
+            ctf = torch.from_numpy(ctf_images(ctf_params.subset(index), box, pixel_size, rfft=False))
+        weighted = torch.fft.irfft2(spectrum * ctf[..., : box // 2 + 1], s=(box, box), norm="ortho")
+        psi = torch.from_numpy(psi_deg[index])
+        shift = torch.from_numpy(shift_px[index])
+        aligned = transform_images(weighted, psi, shift, to_reference=True)
+        # the CTF^2 rotates with the particle; its centre (zero frequency) does not shift
+        centred = torch.fft.fftshift(ctf ** 2, dim=(-2, -1))
+        rotated = transform_images(centred, psi, torch.zeros_like(shift), to_reference=True)
+        group = torch.from_numpy(labels[index])
+        numerator.index_add_(0, group, aligned)
+        ctf2_sum.index_add_(0, group, rotated)
+        if should_abort():
+            raise AbortRequested("abort requested while averaging classes")
+    ctf2_half = torch.fft.ifftshift(ctf2_sum, dim=(-2, -1))[..., : box // 2 + 1]
+    shells = torch.from_numpy(shell_index(box)).clamp(max=box // 2)
+    spectra, ssnr = wiener_filter(torch.fft.rfft2(numerator, norm="ortho"), ctf2_half, noise_var, shells)
+    averages = torch.fft.irfft2(spectra, s=(box, box), norm="ortho")
+    counts = np.bincount(labels, minlength=n_classes)
+    averages[torch.from_numpy(counts == 0)] = 0.0
+    resolution = resolution_from_ssnr(ssnr, box, pixel_size)
+    resolution[counts == 0] = 999.0
+    return averages.numpy().astype(np.float32), resolution

@@ -1,0 +1,224 @@
+"""Classification rounds: BSK-means++ under alignment, and CTF-aware likelihood refinement.
+
+Two ways of comparing a particle with a class, both minimised over every in-plane pose:
+
+* ``cluster_denoised``: BSK-means++ on DRVAE-denoised images, with the squared distance
+  ``min_pose ||d_i - T_pose c_k||^2``: K-means++ seeding, balanced assignment, aligned means.
+* ``Refiner.expectation``: the exact CTF-aware log-likelihood of the raw (whitened) particle
+  given a class reference, marginalised over poses; the balanced assignment of the same
+  BSK-means++ then turns it into labels, and Wiener-filtered averages become the new centres.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from .alignment import PoseOperator, chunk_size, circular_mask, make_pose_grid, pose_scores
+from .clustering import balanced_assignment, size_bounds
+from .config import ClusterConfig
+from .averaging import wiener_filter
+from .preprocess import WorkingSet, rfft_weights, shell_index
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Assignment:
+    """Hard result of one round, one entry per particle."""
+
+    labels: NDArray[np.int64]       # (n,) 0-based class
+    pose: NDArray[np.int64]         # (n,) pose index (PoseGrid) of the particle in its class
+    cost: NDArray[np.float64]       # (n,) distance / negative log-likelihood to its class
+    confidence: NDArray[np.float64]  # (n,) posterior probability of its class (0-1)
+
+
+@dataclass
+class Statistics:
+    """Sufficient statistics for class averages."""
+
+    pose_sums: torch.Tensor        # (K, P, M) weighted sums of masked images per pose
+    ctf2_sums: torch.Tensor        # (K, S) weighted sums of squared effective CTF per shell
+    weights: torch.Tensor          # (K,) total weight per class
+
+
+class Refiner:
+    """Alignment and classification machinery for one working set."""
+
+    def __init__(self, ws: WorkingSet, cfg: ClusterConfig, device: torch.device):
+        self.ws, self.cfg, self.device = ws, cfg, device
+        box = ws.box_size
+        max_shift = (cfg.max_shift_px or 0.1 * box * ws.scale) / ws.scale
+        self.grid = make_pose_grid(cfg.psi_step, max_shift)
+        # the CTF delocalises signal beyond the particle: align and average over the whole disc
+        self.mask = circular_mask(box, box / 2 - 1)
+        self.op = PoseOperator(box, self.grid, self.mask, device)
+        self.coverage = self.op.coverage()
+        mask_t = torch.from_numpy(self.mask)
+        self.weighted = ws.ctf_weighted[:, mask_t].contiguous()
+        self.shells = torch.from_numpy(shell_index(box)).clamp(max=ws.ctf2_shells.shape[1] - 1)
+        self.multiplicity = torch.from_numpy(rfft_weights(box))
+        radius = torch.from_numpy(np.hypot(*np.meshgrid(np.arange(box) - box // 2,
+                                                         np.arange(box) - box // 2)))
+        edge = ws.particle_radius
+        self.solvent_mask = (0.5 + 0.5 * torch.cos(torch.clamp((radius - edge) / 3.0, 0, 1) * np.pi)).float()
+        self.batch = chunk_size(cfg.n_classes * self.grid.n_poses)
+        logger.info("alignment grid: %d rotations x %d shifts, %d mask pixels",
+                    len(self.grid.psi_deg), len(self.grid.shifts), self.op.n_masked)
+
+    # ---- BSK-means++ on denoised images ------------------------------------------------
+    def cluster_denoised(self, denoised: torch.Tensor, rng: np.random.Generator, n_iter: int = 8,
+                         init_labels: NDArray | None = None, init_pose: NDArray | None = None) -> Assignment:
+        """BSK-means++ of ``(n, W, W)`` denoised images under alignment."""
+        points = denoised[:, torch.from_numpy(self.mask)].contiguous()
+        if init_labels is None:
+            centres = self._seed_plusplus(denoised, points, rng)
+        else:
+            centres = self._aligned_means(points, init_labels, init_pose)
+        n, k = len(points), self.cfg.n_classes
+        lo, hi = size_bounds(n, k, self.cfg.balance)
+        labels = np.full(n, -1)
+        for _ in range(n_iter):
+            dist, pose = self._aligned_distances(points, centres)
+            new = balanced_assignment(dist, lo, hi)
+            done = np.array_equal(new, labels)
+            labels = new
+            own_pose = pose[np.arange(n), labels]
+            if done:
+                break
+            centres = self._aligned_means(points, labels, own_pose)
+        cost = dist[np.arange(n), labels]
+        return Assignment(labels, own_pose, cost, np.ones(n))
+
+    def _aligned_distances(self, points: torch.Tensor, centres: torch.Tensor) -> tuple[NDArray, NDArray]:
+        templates = self.op.forward(centres)
+        template_norms = (templates ** 2).sum(-1)                       # (K, P)
+        point_norms = (points ** 2).sum(-1)
+        dist = np.empty((len(points), len(centres)))
+        pose = np.empty((len(points), len(centres)), dtype=np.int64)
+        for start in range(0, len(points), self.batch):
+            chunk = points[start:start + self.batch].to(self.device)
+            cost = template_norms[None] - 2.0 * pose_scores(chunk, templates)
+            best, arg = cost.min(dim=2)
+            dist[start:start + len(chunk)] = (best + point_norms[start:start + len(chunk), None].to(best)).cpu()
+            pose[start:start + len(chunk)] = arg.cpu()
+        return dist, pose
+
+    def _aligned_means(self, points: torch.Tensor, labels: NDArray, pose: NDArray) -> torch.Tensor:
+        k, p = self.cfg.n_classes, self.grid.n_poses
+        sums = torch.zeros(k * p, points.shape[1])
+        sums.index_add_(0, torch.from_numpy(labels * p + pose), points)
+        counts = torch.bincount(torch.from_numpy(labels), minlength=k).float().clamp(min=1)
+        back = self.op.adjoint(sums.reshape(k, p, -1).to(self.device)).cpu()
+        return back / (counts[:, None, None] * self.coverage.cpu().clamp(min=0.3))
+
+    def _seed_plusplus(self, images: torch.Tensor, points: torch.Tensor,
+                       rng: np.random.Generator) -> torch.Tensor:
+        """Greedy K-means++ seeding with the aligned distance (seeds are whole images)."""
+        n, k = len(points), self.cfg.n_classes
+        trials = 2 + int(np.log(k))
+        first = int(rng.integers(n))
+        seeds = [first]
+        closest = self._aligned_distances(points, images[[first]])[0][:, 0].clip(min=0)
+        for _ in range(1, k):
+            candidates = rng.choice(n, size=trials, p=closest / closest.sum())
+            dists = self._aligned_distances(points, images[candidates])[0].clip(min=0)
+            pots = np.minimum(closest[:, None], dists).sum(0)
+            best = int(np.argmin(pots))
+            seeds.append(int(candidates[best]))
+            closest = np.minimum(closest, dists[:, best])
+        return images[seeds].clone()
+
+    # ---- CTF-aware likelihood on raw particles -----------------------------------------
+    def statistics_from_labels(self, labels: NDArray, pose: NDArray) -> Statistics:
+        """Hard-assignment statistics (one pose per particle)."""
+        k, p = self.cfg.n_classes, self.grid.n_poses
+        sums = torch.zeros(k * p, self.weighted.shape[1])
+        sums.index_add_(0, torch.from_numpy(labels * p + pose), self.weighted)
+        ctf2 = torch.zeros(k, self.ws.ctf2_shells.shape[1]).index_add_(0, torch.from_numpy(labels),
+                                                                        self.ws.ctf2_shells)
+        weights = torch.bincount(torch.from_numpy(labels), minlength=k).float()
+        return Statistics(sums.reshape(k, p, -1), ctf2, weights)
+
+    def references(self, stats: Statistics) -> torch.Tensor:
+        """Wiener-filtered, solvent-masked class references ``(K, W, W)`` from statistics."""
+        box = self.ws.box_size
+        numerator = self.op.adjoint(stats.pose_sums.to(self.device)).cpu()
+        numerator = numerator / self.coverage.cpu().clamp(min=0.3) * (self.coverage.cpu() > 0.05)
+        spectrum = torch.fft.rfft2(numerator, norm="ortho")                 # (K, W, W/2+1)
+        ctf2 = stats.ctf2_sums[:, self.shells]                              # (K, W, W/2+1)
+        filtered, _ = wiener_filter(spectrum, ctf2, self.ws.noise_var, self.shells)
+        refs = torch.fft.irfft2(filtered, s=(box, box), norm="ortho") * self.solvent_mask
+        refs[stats.weights <= 0] = 0.0
+        return refs
+
+    def expectation(self, refs: torch.Tensor, log_prior: torch.Tensor) -> tuple[NDArray, NDArray, Statistics]:
+        """Class log-likelihoods ``(n, K)`` (poses marginalised), best pose per class and soft statistics."""
+        k, p = refs.shape[0], self.grid.n_poses
+        templates = self.op.forward(refs)                                    # (K, P, M)
+        power = _shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
+                           self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
+        n = len(self.weighted)
+        loglik = np.empty((n, k))
+        best_pose = np.empty((n, k), dtype=np.int64)
+        sums = torch.zeros(k * p, self.weighted.shape[1], device=self.device)
+        ctf2_sums = torch.zeros(k, self.ws.ctf2_shells.shape[1], device=self.device)
+        log_pose_prior = -np.log(p)
+        for start in range(0, n, self.batch):
+            part = slice(start, start + self.batch)
+            chunk = self.weighted[part].to(self.device)
+            ctf2 = self.ws.ctf2_shells[part].to(self.device)
+            norms = ctf2 @ power.t().to(self.device)                         # (c, K)
+            scores = (pose_scores(chunk, templates) - 0.5 * norms[:, :, None]) / self.ws.noise_var
+            class_ll = torch.logsumexp(scores, dim=2) + log_pose_prior       # (c, K)
+            joint = scores + (log_prior.to(self.device)[None, :, None] + log_pose_prior)
+            post = torch.softmax(joint.reshape(len(chunk), -1), dim=1)       # (c, K*P)
+            sums += post.t() @ chunk
+            ctf2_sums += post.reshape(len(chunk), k, p).sum(2).t() @ ctf2
+            loglik[part] = class_ll.cpu().numpy()
+            best_pose[part] = scores.argmax(dim=2).cpu().numpy()
+        weights = ctf2_sums.new_zeros(k)  # filled by the caller from the posteriors
+        stats = Statistics(sums.reshape(k, p, -1).cpu(), ctf2_sums.cpu(), weights.cpu())
+        return loglik, best_pose, stats
+
+    def em_round(self, refs: torch.Tensor, log_prior: NDArray) -> tuple[Assignment, torch.Tensor, NDArray]:
+        """One soft E/M step: balanced labels, new Wiener references and new class log-priors."""
+        loglik, best_pose, stats = self.expectation(refs, torch.from_numpy(log_prior).float())
+        assignment = self.assign(loglik, best_pose, log_prior)
+        joint = loglik + log_prior[None]
+        posterior = np.exp(joint - joint.max(1, keepdims=True))
+        posterior /= posterior.sum(1, keepdims=True)
+        stats.weights = torch.from_numpy(posterior.sum(0)).float()
+        k = self.cfg.n_classes
+        prior = np.maximum(posterior.mean(0), self.cfg.balance / k)   # BSK floor, as a prior
+        return assignment, self.references(stats), np.log(prior / prior.sum())
+
+    def assign(self, loglik: NDArray, best_pose: NDArray, log_prior: NDArray) -> Assignment:
+        """Balanced (BSK) hard assignment from class log-likelihoods."""
+        n, k = loglik.shape
+        log_post = loglik + log_prior[None]
+        log_post = log_post - log_post.max(1, keepdims=True)
+        posterior = np.exp(log_post)
+        posterior /= posterior.sum(1, keepdims=True)
+        lo, hi = size_bounds(n, k, self.cfg.balance)
+        cost = -(loglik + log_prior[None])
+        labels = balanced_assignment(cost - cost.min(1, keepdims=True), lo, hi)
+        rows = np.arange(n)
+        return Assignment(labels, best_pose[rows, labels], cost[rows, labels], posterior[rows, labels])
+
+
+def _shell_sum(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    flat = values.reshape(values.shape[0], -1)
+    return torch.zeros(values.shape[0], n_shells, dtype=flat.dtype).index_add_(1, shells.reshape(-1), flat)
+
+
+
+def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:
+    """``(n, W, W)`` images with Fourier shells above ``max_shell`` removed."""
+    box = images.shape[-1]
+    keep = torch.from_numpy(shell_index(box) <= max_shell).float()
+    return torch.fft.irfft2(torch.fft.rfft2(images, norm="ortho") * keep, s=(box, box), norm="ortho")
