@@ -106,7 +106,7 @@ class PoseOperator:
         index = torch.from_numpy(np.concatenate(indices, axis=1))
         value = torch.from_numpy(np.concatenate(values).astype(np.float32))
         shape = (src_x.size, box * box)
-        return torch.sparse_coo_tensor(index, value, shape).coalesce()
+        return torch.sparse_coo_tensor(index, value, shape, check_invariants=False).coalesce()
 
     def forward(self, references: torch.Tensor) -> torch.Tensor:
         """``(K, box, box)`` references -> ``(K, P, M)`` templates."""
@@ -148,3 +148,30 @@ def to_relion_pose(psi_deg: NDArray, shift_px: NDArray) -> tuple[NDArray, NDArra
     """
     psi = np.mod(PSI_SIGN * np.asarray(psi_deg) + 180.0, 360.0) - 180.0
     return psi, ORIGIN_SIGN * np.asarray(shift_px)
+
+
+def transform_images(images: torch.Tensor, psi_deg: torch.Tensor, shift_px: torch.Tensor,
+                     to_reference: bool = False) -> torch.Tensor:
+    """Apply a pose to ``(n, box, box)`` images by bilinear resampling (zero outside).
+
+    With ``to_reference=False`` a reference is placed at the pose (the model above); with
+    ``to_reference=True`` a particle is brought back into its reference frame (the inverse).
+    ``psi_deg`` is ``(n,)`` and ``shift_px`` ``(n, 2)`` in the pixels of ``images``.
+    """
+    n, box = images.shape[0], images.shape[-1]
+    c = box // 2
+    coords = torch.arange(box, dtype=images.dtype, device=images.device) - c
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    psi = torch.deg2rad(psi_deg.to(images)).reshape(n, 1, 1)
+    cos, sin = torch.cos(psi), torch.sin(psi)
+    sx = shift_px[:, 0].to(images).reshape(n, 1, 1)
+    sy = shift_px[:, 1].to(images).reshape(n, 1, 1)
+    if to_reference:      # source = R(-psi) q + t
+        src_x = cos * gx + sin * gy + sx
+        src_y = -sin * gx + cos * gy + sy
+    else:                 # source = R(psi) (p - t)
+        src_x = cos * (gx - sx) - sin * (gy - sy)
+        src_y = sin * (gx - sx) + cos * (gy - sy)
+    grid = torch.stack([(2 * (src_x + c) + 1) / box - 1, (2 * (src_y + c) + 1) / box - 1], dim=-1)
+    return torch.nn.functional.grid_sample(images.unsqueeze(1), grid, mode="bilinear",
+                                           padding_mode="zeros", align_corners=False).squeeze(1)

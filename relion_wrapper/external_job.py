@@ -1,0 +1,493 @@
+"""Run cryo-drvae 2D classification as a RELION *External* job (RELION 3.1, 4.0, 5.0).
+
+RELION starts this program from the project directory as::
+
+    cryo-drvae-relion --o External/job012/ --in_parts Select/job011/particles.star \
+        [--K 50 --iter 12 --particle_diameter 180 --gpu 0 ...] --j 4 [additional args]
+
+It classifies the particles with :func:`cryo_drvae.pipeline.run`, writes the RELION-style
+``run_itNNN_{data,model,optimiser}.star`` files, declares them in ``RELION_OUTPUT_NODES.star``
+and reports the outcome with RELION's marker files (``RELION_JOB_EXIT_SUCCESS``, ``..._FAILURE``,
+``..._ABORTED``). See ``docs/relion.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cryo_drvae import __version__
+from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig
+from cryo_drvae.errors import AbortRequested, ConfigError, CryoDrvaeError, InputFileError
+from cryo_drvae.io_utils import atomic_path
+
+logger = logging.getLogger("cryo_drvae.relion")
+
+# ---- RELION's file names -------------------------------------------------------------------
+EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
+EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"
+EXIT_ABORTED = "RELION_JOB_EXIT_ABORTED"
+ABORT_NOW = "RELION_JOB_ABORT_NOW"
+OUTPUT_NODES = "RELION_OUTPUT_NODES.star"
+EXIT_MARKERS = (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED)
+
+# Exit codes, as relion_refine --pipeline_control uses them (RELION itself ignores them).
+RC_SUCCESS, RC_FAILURE, RC_ABORTED = 0, 1, 2
+
+# ---- output nodes: (RELION 3.1 integer code, 4.0 label, 5.0 label) ---------------------------
+NODE_TYPES: dict[str, tuple[int, str, str]] = {
+    "data": (3, "ParticlesData.star.relion.class2d", "ParticleGroupMetadata.star.relion.class2d"),
+    "model": (8, "ProcessData.star.relion.model", "ProcessData.star.relion.model"),
+    "optimiser": (9, "ProcessData.star.relion.optimiser.class2d", "OptimiserData.star.relion.class2d"),
+    "class_averages_star": (5, "ImagesData.star.relion", "Image2DGroupMetadata.star.relion"),
+}
+DEFAULT_RELION_VERSION = 5   # labels used when no pipeline file tells the version
+
+# Files the core pipeline writes for a prefix, plus the two the wrapper adds.
+PIPELINE_SUFFIXES = ("_data.star", "_model.star", "_class_averages.mrcs", "_classes.png", "_convergence.png")
+WRAPPER_SUFFIXES = ("_optimiser.star", "_class_averages.star")
+
+_BARE = "\0bare"            # value argparse stores for a label given without a value
+_TRUE = {"", "1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+# Config fields the wrapper sets itself; all other DataConfig/TrainConfig/ClusterConfig fields
+# can be passed as `--<field> <value>` (e.g. a RELION parameter pair "epochs_initial" / "2").
+_WRAPPER_OWNED = {"particles_star"}
+_ALIASES = {"n_classes": ("--K", "--nr_classes", "--n_classes"), "n_rounds": ("--iter", "--n_rounds")}
+
+
+class _ArgumentError(CryoDrvaeError):
+    """The command line RELION built cannot be used."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:        # argparse would print usage and exit 2
+        raise _ArgumentError(f"command line: {message}")
+
+
+def _config_fields() -> dict[str, dataclasses.Field]:
+    fields: dict[str, dataclasses.Field] = {}
+    for klass in (DataConfig, TrainConfig, ClusterConfig):
+        for f in dataclasses.fields(klass):
+            if f.name not in _WRAPPER_OWNED:
+                fields[f.name] = f
+    return fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for the command line RELION's External job builds (see docs/relion.md)."""
+    p = _Parser(prog="cryo-drvae-relion", allow_abbrev=False,
+                description="cryo-drvae 2D classification as a RELION External job.")
+    p.add_argument("--o", required=True, help="job folder, e.g. External/job012/ (from RELION)")
+    p.add_argument("--in_parts", required=True, help="input particles STAR file (RELION 3.0 or 3.1+ format)")
+    p.add_argument("--j", default="1", help="threads (RELION's 'Number of threads')")
+    p.add_argument("--gpu", nargs="?", const=_BARE, default=None,
+                   help="GPU ids as in RELION ('0', '0,1'); the first is used; empty = GPU 0")
+    p.add_argument("--seed", default=None, help="random seed (default 0)")
+    p.add_argument("--continue", dest="continue_run", nargs="?", const=_BARE, default=None,
+                   help="resume from the checkpoint in the job folder")
+    p.add_argument("--relion_version", choices=("3", "4", "5"), default=None,
+                   help="node-type labels to write; default: detected from the pipeline STAR files")
+    p.add_argument("--pipeline_control", default=None, help=argparse.SUPPRESS)
+    group = p.add_argument_group("classification options (any DataConfig/TrainConfig/ClusterConfig field)")
+    for name in _config_fields():
+        flags = _ALIASES.get(name, (f"--{name}",))
+        group.add_argument(*flags, dest=name, nargs="?", const=_BARE, default=None)
+    return p
+
+
+def _convert(option: str, raw: str, default: Any) -> Any:
+    """Turn one command-line value into the type of the config field's default."""
+    if isinstance(default, bool):
+        text = "" if raw == _BARE else raw.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"--{option}: expected yes/no (1/0), got {raw!r}")
+    if raw == _BARE:
+        raise ConfigError(f"--{option} needs a value; fill in the parameter's value field in RELION")
+    kind = type(default) if default is not None else str
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"--{option}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _device_from_gpu(gpu: str | None) -> str:
+    """RELION's --gpu value ('', '0', '0,1', '0:1') -> torch device; CPU when no CUDA (with a warning)."""
+    if gpu is None:
+        return "cpu"
+    ids = [t for t in re.split(r"[,:\s]+", "" if gpu == _BARE else gpu) if t]
+    if ids and not all(t.isdigit() for t in ids):
+        raise ConfigError(f"--gpu: expected device numbers such as '0' or '0,1', got {gpu!r}")
+    first = int(ids[0]) if ids else 0
+    try:
+        import torch
+        n_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install must not stop a CPU run
+        n_devices = 0
+    if n_devices == 0:
+        logger.warning("--gpu %s: no CUDA device is available on this machine; running on the CPU",
+                       gpu if gpu != _BARE else "")
+        return "cpu"
+    if first >= n_devices:
+        raise ConfigError(f"--gpu: device {first} requested but only {n_devices} CUDA device(s) visible")
+    if len(ids) > 1:
+        logger.warning("--gpu %s: cryo-drvae uses one GPU; using cuda:%d", gpu, first)
+    return f"cuda:{first}"
+
+
+def output_prefix(job_dir: str, n_rounds: int) -> str:
+    """``External/job012/run_it012``: RELION's Class2D naming, so Select finds the data file
+    by renaming ``_model.star``/``_optimiser.star`` to ``_data.star``."""
+    return os.path.join(os.path.normpath(job_dir), f"run_it{n_rounds:03d}")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Build the run configuration from the parsed RELION command line."""
+    fields = _config_fields()
+    options: dict[str, Any] = {}
+    for name, f in fields.items():
+        raw = getattr(args, name)
+        if raw is not None:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            options[name] = _convert(_ALIASES.get(name, (f"--{name}",))[0][2:], raw, default)
+    try:
+        threads = int(args.j)
+    except ValueError:
+        raise ConfigError(f"--j: expected a number of threads, got {args.j!r}") from None
+    seed = _convert("seed", args.seed, 0) if args.seed is not None else 0
+    continue_run = _convert("continue", args.continue_run, False) if args.continue_run is not None else False
+    n_rounds = options.get("n_rounds", ClusterConfig().n_rounds)
+    return RunConfig.from_options(
+        particles_star=args.in_parts,
+        output_prefix=output_prefix(args.o, n_rounds),
+        threads=threads,
+        device=_device_from_gpu(args.gpu),
+        continue_run=continue_run,
+        seed=seed,
+        **options,
+    )
+
+
+# ---- RELION version and output nodes --------------------------------------------------------
+
+def detect_relion_version_from_text(text: str) -> int | None:
+    """3, 4 or 5 from the text of a RELION pipeline STAR file; None if it is not one.
+
+    3.1 writes integer ``_rlnPipeLineProcessType``; 4.0 writes ``_rlnPipeLineProcessTypeLabel``
+    with ``# version 30001``; 5.0 writes ``# version 50001`` and ``_rlnPipeLineNodeTypeLabelDepth``.
+    """
+    if "_rlnPipeLineNodeTypeLabelDepth" in text or re.search(r"#\s*version\s+5\d{4}", text):
+        return 5
+    if "_rlnPipeLineProcessTypeLabel" in text or "_rlnPipeLineNodeTypeLabel" in text:
+        return 4
+    if re.search(r"_rlnPipeLineProcessType\b", text):
+        return 3
+    return None
+
+
+def detect_relion_version(job_dir: str | os.PathLike, project_dir: str | os.PathLike = ".") -> int | None:
+    """Version of the RELION that started the job: from ``<job>/job_pipeline.star``, else
+    ``<project>/default_pipeline.star``; None when neither tells."""
+    for path in (Path(job_dir) / "job_pipeline.star", Path(project_dir) / "default_pipeline.star"):
+        try:
+            version = detect_relion_version_from_text(path.read_text(errors="replace"))
+        except OSError:
+            continue
+        if version is not None:
+            return version
+    return None
+
+
+def _star_value(value: Any) -> str:
+    text = str(value)
+    return f'"{text}"' if (not text or any(c.isspace() for c in text)) else text
+
+
+def write_output_nodes(job_dir: str, nodes: Sequence[tuple[str, str]], version: int) -> Path:
+    """Write ``RELION_OUTPUT_NODES.star`` with both type columns.
+
+    ``nodes`` holds (path, kind) with kind a key of ``NODE_TYPES``. RELION 3.1 reads the integer
+    ``_rlnPipeLineNodeType`` (and keeps the unknown label column); 4.0/5.0 read only
+    ``_rlnPipeLineNodeTypeLabel``, whose strings differ between 4.0 and 5.0.
+    """
+    lines = ["", "# version 30001", "", "data_output_nodes", "", "loop_",
+             "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2", "_rlnPipeLineNodeTypeLabel #3"]
+    for path, kind in nodes:
+        code, label4, label5 = NODE_TYPES[kind]
+        lines.append(f"{_star_value(path)} {code} {label4 if version == 4 else label5}")
+    final = Path(job_dir) / OUTPUT_NODES
+    with atomic_path(final) as tmp:
+        tmp.write_text("\n".join(lines) + "\n\n")
+    return final
+
+
+def _key_value_block(name: str, items: Sequence[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in items) + 2
+    body = "\n".join(f"_{k:<{width}}{_star_value(v)}" for k, v in items)
+    return f"\n# version 30001\n\ndata_{name}\n\n{body}\n\n"
+
+
+def _image_info(data_star: Path) -> tuple[int, float] | None:
+    """(box size px, pixel size Å) of the first optics group of a 3.1-format data STAR file."""
+    try:
+        import starfile
+        blocks = starfile.read(data_star, always_dict=True)
+        optics = blocks["optics"]
+        return int(optics["rlnImageSize"].iloc[0]), float(optics["rlnImagePixelSize"].iloc[0])
+    except Exception:  # noqa: BLE001 - only used for a default diameter
+        return None
+
+
+def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int | None = None) -> Path:
+    """Minimal ``<prefix>_optimiser.star``: what RELION 4/5 Subset selection reads from a Class2D run."""
+    diameter = cfg.data.particle_diameter
+    if diameter <= 0:
+        info = _image_info(Path(f"{prefix}_data.star"))
+        diameter = round(0.75 * info[0] * info[1], 2) if info else 0.0
+    use_ctf = int(cfg.data.use_ctf)
+    items = [
+        ("rlnOutputRootName", os.path.dirname(prefix) + "/run"),
+        ("rlnModelStarFile", f"{prefix}_model.star"),
+        ("rlnExperimentalDataStarFile", f"{prefix}_data.star"),
+        ("rlnCurrentIteration", n_iterations_done if n_iterations_done is not None else cfg.cluster.n_rounds),
+        ("rlnNumberOfIterations", cfg.cluster.n_rounds),
+        ("rlnParticleDiameter", diameter),
+        ("rlnDoCorrectCtf", use_ctf),
+        ("rlnDoIgnoreCtfUntilFirstPeak", 0),
+        ("rlnCtfDataArePhaseFlipped", 0),
+        ("rlnDoOnlyFlipCtfPhases", 0),
+        ("rlnRefsAreCtfCorrected", use_ctf),
+        ("rlnRandomSeed", cfg.seed),
+    ]
+    final = Path(f"{prefix}_optimiser.star")
+    with atomic_path(final) as tmp:
+        tmp.write_text(_key_value_block("optimiser_general", items))
+    return final
+
+
+def write_class_averages_star(prefix: str) -> Path:
+    """``<prefix>_class_averages.star``: one ``_rlnReferenceImage`` per class (Auto-picking references)."""
+    import mrcfile
+    stack = Path(f"{prefix}_class_averages.mrcs")
+    with mrcfile.open(stack, header_only=True, permissive=True) as m:
+        n_classes = int(m.header.nz)
+    rows = "\n".join(f"{k:06d}@{stack.as_posix()} {k}" for k in range(1, n_classes + 1))
+    text = (f"\n# version 30001\n\ndata_\n\nloop_\n_rlnReferenceImage #1\n_rlnClassNumber #2\n{rows}\n\n")
+    final = Path(f"{prefix}_class_averages.star")
+    with atomic_path(final) as tmp:
+        tmp.write_text(text)
+    return final
+
+
+# ---- markers, logging, abort ----------------------------------------------------------------
+
+def touch(job_dir: str, name: str) -> None:
+    with open(os.path.join(job_dir, name), "w"):
+        pass
+
+
+def _remove(path: str | os.PathLike) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_outputs_since(prefix: str, job_dir: str, since: float) -> list[str]:
+    """Delete final outputs this run wrote (mtime >= since), so an aborted or failed run leaves none."""
+    removed = []
+    for suffix in PIPELINE_SUFFIXES + WRAPPER_SUFFIXES:
+        path = f"{prefix}{suffix}"
+        try:
+            if os.path.getmtime(path) >= since - 1.0:
+                os.remove(path)
+                removed.append(path)
+        except OSError:
+            pass
+    nodes = os.path.join(job_dir, OUTPUT_NODES)
+    if os.path.exists(nodes):
+        _remove(nodes)
+        removed.append(nodes)
+    return removed
+
+
+class _AbortWatch:
+    """``should_abort`` for the pipeline: RELION's abort file, or SIGTERM (scancel, time limit)."""
+
+    def __init__(self, job_dir: str) -> None:
+        self.abort_file = os.path.join(job_dir, ABORT_NOW)
+        self.signalled = False
+
+    def __call__(self) -> bool:
+        return self.signalled or os.path.exists(self.abort_file)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+
+class _MaxLevel(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+class _StdStream:
+    """sys.stdout / sys.stderr looked up at each write (they may be replaced after set-up)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Progress to stdout (RELION's run.out), warnings and errors to stderr (run.err)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_cryo_drvae_relion", False):
+            root.removeHandler(h)
+    out = logging.StreamHandler(_StdStream("stdout"))
+    out.addFilter(_MaxLevel(logging.WARNING))
+    out.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    err = logging.StreamHandler(_StdStream("stderr"))
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    for h in (out, err):
+        h._cryo_drvae_relion = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _job_dir_from_argv(argv: Sequence[str]) -> str | None:
+    """``--o`` even when the rest of the command line does not parse (to place the marker)."""
+    for i, token in enumerate(argv):
+        if token == "--o" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            return argv[i + 1]
+        if token.startswith("--o="):
+            return token[4:]
+    return None
+
+
+def _load_pipeline_run() -> Callable[..., Any]:
+    from cryo_drvae.pipeline import run
+    return run
+
+
+# ---- the job ------------------------------------------------------------------------------
+
+def run_job(argv: Sequence[str] | None = None,
+            pipeline_run: Callable[..., Any] | None = None) -> int:
+    """Run one External job; return the exit code (0 success, 1 failure, 2 aborted).
+
+    ``pipeline_run`` replaces :func:`cryo_drvae.pipeline.run` (tests).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().print_help()
+        return RC_SUCCESS
+    job_dir = _job_dir_from_argv(argv)
+    prefix: str | None = None
+    started = time.time()
+    watch: _AbortWatch | None = None
+    previous_handler: Any = None
+    try:
+        if job_dir is None:
+            raise _ArgumentError("command line: --o <job folder> is missing; RELION always passes it")
+        if not os.path.isdir(job_dir):
+            raise InputFileError(f"{job_dir}: job folder (--o) does not exist; RELION creates it before "
+                                 f"starting the job, create it yourself when running by hand")
+        for name in EXIT_MARKERS + (OUTPUT_NODES,):     # stale results of an earlier run
+            _remove(os.path.join(job_dir, name))
+
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            logger.warning("ignoring argument(s) cryo-drvae does not know: %s", " ".join(unknown))
+        if not os.path.isfile(args.in_parts):
+            raise InputFileError(f"{args.in_parts}: input particles STAR file (--in_parts) not found "
+                                 f"(working folder {os.getcwd()}); run the job from the RELION project folder")
+        cfg = config_from_args(args)
+        prefix = cfg.output_prefix
+        version = int(args.relion_version) if args.relion_version else detect_relion_version(job_dir)
+        logger.info("cryo-drvae %s RELION External job; command: %s", __version__, " ".join(argv))
+        logger.info("RELION version for output node types: %s",
+                    version if version else f"unknown (no pipeline STAR file); using {DEFAULT_RELION_VERSION}.0 labels")
+        version = version or DEFAULT_RELION_VERSION
+        logger.info("output prefix %s, device %s, %d thread(s)", prefix, cfg.device, cfg.threads)
+        logger.info("configuration:\n%s", cfg.to_yaml().rstrip())
+
+        watch = _AbortWatch(job_dir)
+        try:
+            previous_handler = signal.signal(signal.SIGTERM, watch.on_signal)
+        except ValueError:          # not the main thread (tests)
+            previous_handler = None
+        if watch():
+            raise AbortRequested(f"{watch.abort_file} exists: abort requested before the start")
+
+        run = pipeline_run or _load_pipeline_run()
+        result = run(cfg, should_abort=watch)
+
+        paths = {k: str(v) for k, v in getattr(result, "paths", {}).items()}
+        data_star = paths.get("data_star", f"{prefix}_data.star")
+        model_star = paths.get("model_star", f"{prefix}_model.star")
+        for path in (data_star, model_star):
+            if not os.path.isfile(path):
+                raise CryoDrvaeError(f"{path}: the classification finished but did not write this file")
+        write_optimiser(prefix, cfg, getattr(result, "n_rounds", None))
+        class_star = write_class_averages_star(prefix)
+        write_output_nodes(job_dir, [(data_star, "data"), (model_star, "model"),
+                                     (f"{prefix}_optimiser.star", "optimiser"),
+                                     (str(class_star), "class_averages_star")], version)
+        touch(job_dir, EXIT_SUCCESS)
+        logger.info("done: %s, %s", data_star, model_star)
+        return RC_SUCCESS
+    except AbortRequested as exc:
+        if prefix:
+            _remove_outputs_since(prefix, job_dir, started)
+        logger.error("aborted: %s", exc)
+        if job_dir and os.path.isdir(job_dir):
+            touch(job_dir, EXIT_ABORTED)
+        return RC_ABORTED
+    except Exception as exc:  # noqa: BLE001 - every failure must leave RELION's failure marker
+        if not isinstance(exc, CryoDrvaeError):
+            traceback.print_exc(file=sys.stderr)
+        if prefix:
+            _remove_outputs_since(prefix, job_dir, started)
+        logger.error("%s", exc if isinstance(exc, CryoDrvaeError) else f"unexpected {type(exc).__name__}: {exc}")
+        if job_dir and os.path.isdir(job_dir):
+            touch(job_dir, EXIT_FAILURE)
+        return RC_FAILURE
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+
+
+def main(argv: Sequence[str] | None = None, pipeline_run: Callable[..., Any] | None = None) -> None:
+    """Console script ``cryo-drvae-relion``."""
+    configure_logging()
+    sys.exit(run_job(argv, pipeline_run=pipeline_run))
+
+
+if __name__ == "__main__":
+    main()

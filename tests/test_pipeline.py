@@ -1,0 +1,134 @@
+"""End to end: the real pipeline on small simulated sets with known classes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from sklearn.metrics import adjusted_rand_score
+
+from cryo_drvae.errors import AbortRequested
+from cryo_drvae.pipeline import run
+from conftest import fast_config
+
+NEW_COLUMNS = ["rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+               "rlnMaxValueProbDistribution"]
+
+
+def true_labels(sim, data: pd.DataFrame) -> np.ndarray:
+    truth = pd.read_csv(sim.truth_path)
+    by_name = dict(zip(truth["image_name"], truth["class"]))
+    return np.array([by_name[name] for name in data["rlnImageName"]])
+
+
+@pytest.fixture(scope="module")
+def classified(small_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "Class2D" / "run"
+    result = run(fast_config(small_set.star_path, out))
+    return small_set, out, result
+
+
+def test_recovers_the_planted_classes(classified):
+    sim, out, _ = classified
+    data = starfile.read(f"{out}_data.star")["particles"]
+    assert adjusted_rand_score(true_labels(sim, data), data["rlnClassNumber"]) >= 0.9
+
+
+def test_data_star_keeps_every_input_column_and_row(classified):
+    sim, out, _ = classified
+    original = starfile.read(sim.star_path)
+    written = starfile.read(f"{out}_data.star")
+    pd.testing.assert_frame_equal(written["optics"], original["optics"])
+    for column in original["particles"].columns:
+        if column not in ("rlnOriginXAngst", "rlnOriginYAngst"):
+            pd.testing.assert_series_equal(written["particles"][column], original["particles"][column])
+    assert set(NEW_COLUMNS) <= set(written["particles"].columns)
+    classes = written["particles"]["rlnClassNumber"]
+    assert classes.min() >= 1 and classes.max() <= 4
+    confidence = written["particles"]["rlnMaxValueProbDistribution"]
+    assert confidence.between(0, 1).all()
+
+
+def test_model_star_and_stack_describe_every_class(classified):
+    sim, out, _ = classified
+    model = starfile.read(f"{out}_model.star")["model_classes"]
+    assert len(model) == 4
+    assert model["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-6)
+    with mrcfile.open(f"{out}_class_averages.mrcs") as stack:
+        assert stack.data.shape == (4, 48, 48) and stack.data.dtype == np.float32
+        assert float(stack.voxel_size.x) == pytest.approx(4.0)
+    slices = [int(name.split("@")[0]) for name in model["rlnReferenceImage"]]
+    assert slices == [1, 2, 3, 4]
+
+
+def test_pictures_written(classified):
+    _, out, result = classified
+    for key in ("classes_png", "convergence_png"):
+        assert Path(result.paths[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_class_averages_match_the_true_templates(classified):
+    sim, out, _ = classified
+    data = starfile.read(f"{out}_data.star")["particles"]
+    truth = true_labels(sim, data)
+    templates = mrcfile.read(sim.templates_path)
+    averages = mrcfile.read(f"{out}_class_averages.mrcs")
+    for k in range(4):
+        members = truth[data["rlnClassNumber"].to_numpy() == k + 1]
+        template = templates[np.bincount(members).argmax() - 1]
+        # averages sit in an arbitrary in-plane frame: best correlation over rotations
+        rotations = [np.corrcoef(_rotate(averages[k], a).ravel(), template.ravel())[0, 1]
+                     for a in range(0, 360, 5)]
+        assert max(rotations) > 0.6
+
+
+def _rotate(image: np.ndarray, angle: float) -> np.ndarray:
+    import torch
+    from cryo_drvae.alignment import transform_images
+    tensor = torch.from_numpy(image.copy())[None]
+    return transform_images(tensor, torch.tensor([float(angle)]), torch.zeros(1, 2))[0].numpy()
+
+
+def test_same_seed_same_labels(small_set, tmp_path):
+    first = run(fast_config(small_set.star_path, tmp_path / "a" / "run", n_rounds=2))
+    second = run(fast_config(small_set.star_path, tmp_path / "b" / "run", n_rounds=2))
+    assert np.array_equal(first.result.labels, second.result.labels)
+
+
+def test_continue_resumes_from_the_checkpoint(small_set, tmp_path):
+    prefix = tmp_path / "run"
+    calls = {"n": 0}
+
+    def abort_after_second_round() -> bool:
+        calls["n"] += 1
+        return Path(f"{prefix}_checkpoint.pt").exists() and calls["n"] > 40
+
+    with pytest.raises(AbortRequested):
+        run(fast_config(small_set.star_path, prefix, n_rounds=6, tolerance=0.0), abort_after_second_round)
+    assert Path(f"{prefix}_checkpoint.pt").exists()
+    assert not Path(f"{prefix}_data.star").exists()
+    resumed = run(fast_config(small_set.star_path, prefix, n_rounds=6, tolerance=0.0, continue_run=True))
+    rounds = [entry["round"] for entry in resumed.result.history]
+    assert rounds == list(range(0, 7))
+    assert Path(f"{prefix}_data.star").exists() and not Path(f"{prefix}_checkpoint.pt").exists()
+
+
+def test_abort_leaves_no_outputs(small_set, tmp_path):
+    prefix = tmp_path / "run"
+    flag = threading.Event()
+    flag.set()
+    with pytest.raises(AbortRequested):
+        run(fast_config(small_set.star_path, prefix), flag.is_set)
+    leftovers = [p.name for p in tmp_path.iterdir() if not p.name.endswith(("_run.log", "_checkpoint.pt"))]
+    assert leftovers == []
+
+
+def test_without_drvae_and_without_balance_still_classify(small_set, tmp_path):
+    result = run(fast_config(small_set.star_path, tmp_path / "run", use_drvae=False, balance=0.0))
+    data = starfile.read(result.paths["data_star"])["particles"]
+    assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= 0.9
