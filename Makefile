@@ -5,27 +5,43 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= demo_out
+JOBS ?= 2
 
-.PHONY: install demo test bench bench-quick bench-scale install-relion clean
+.PHONY: install install-relion demo test test-fast bench bench-quick bench-scale clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the pinned CPU torch first, so nothing pulls a multi-GB CUDA build
+	# the pinned CPU torch first, so that nothing pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+install-relion:
+	bash scripts/install_relion.sh
+
 demo: $(STAMP)
 	$(VENV)/bin/cryo-drvae simulate --o $(DEMO_DIR)/sim --K 10 --n 1000 --snr 0.05 --seed 1
-	$(VENV)/bin/cryo-drvae classify --i $(DEMO_DIR)/sim/particles.star --o $(DEMO_DIR)/Class2D/run --K 10 --j 2
+	$(VENV)/bin/cryo-drvae classify --i $(DEMO_DIR)/sim/particles.star --o $(DEMO_DIR)/Class2D/run --K 10 --j $(JOBS)
 	$(VENV)/bin/cryo-drvae evaluate --truth $(DEMO_DIR)/sim/truth.csv --data $(DEMO_DIR)/Class2D/run_data.star
-	@echo "class averages picture: $(DEMO_DIR)/Class2D/run_classes.png"
+	@echo "pictures: $(DEMO_DIR)/Class2D/run_classes.png $(DEMO_DIR)/Class2D/run_convergence.png"
 
-test: $(STAMP)
+test: $(STAMP) install-relion
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not relion and not slow" tests
+
+bench: $(STAMP) install-relion
+	$(PY) bench/run_bench.py --sets all --j $(JOBS)
+
+bench-quick: $(STAMP) install-relion
+	$(PY) bench/run_bench.py --sets easy --j $(JOBS)
+
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py --j $(JOBS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
