@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: Rows per block when computing sample-to-centre distances (bounds the temporary memory).
 CHUNK_ROWS = 65536
+#: balanced_assignment warm-starts its prices on subsamples down to about this many rows.
+_COARSEST_ROWS = 16384
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +179,8 @@ def balanced_assignment(
     min_size, max_size : int
         Size bounds; must satisfy ``n_clusters * min_size <= n_samples <= n_clusters * max_size``.
     max_price_updates : int, optional
-        Cap on phase-1 price updates (default ``50 * n_clusters``). Only affects speed.
+        Cap on phase-1 price updates at full size (default ``20 * n_clusters``); 0 skips
+        straight to the exact repair. Only affects speed, never the bounds or optimality.
 
     Returns
     -------
@@ -207,9 +210,21 @@ def balanced_assignment(
     if k == 1:
         return np.zeros(n, dtype=np.intp)
 
-    prices, best, counts = _price_phase(
-        cost, lo, hi, 50 * k if max_price_updates is None else max_price_updates
-    )
+    # Warm-start the prices on nested strided subsamples (coarse to fine, each 8x larger): a
+    # subsample's prices are nearly right for the full set, so the expensive full-size level
+    # only needs a few corrections. Strided rows give a deterministic, proportional sample.
+    levels = [n]
+    while levels[-1] > 8 * _COARSEST_ROWS:
+        levels.append(levels[-1] // 8)
+    prices = np.zeros(k, dtype=np.float64)
+    for m in levels[:0:-1]:
+        rows = np.arange(0, n, n // m)
+        scale = rows.size / n
+        prices, _, _ = _price_phase(
+            cost[rows], math.floor(lo * scale), math.ceil(hi * scale), 200 * k, prices
+        )
+    cap = 20 * k if max_price_updates is None else max_price_updates
+    prices, best, counts = _price_phase(cost, lo, hi, cap, prices)
     labels = best
     if np.any(counts < lo) or np.any(counts > hi) or _slack_violations(prices, counts, lo, hi).any():
         labels = _ExactRepair(cost, labels, lo, hi).run()
@@ -258,23 +273,27 @@ def _coordinate_price(t: NDArray[np.float64], lo: int, hi: int) -> float:
 
 
 def _price_phase(
-    cost: NDArray, lo: int, hi: int, max_updates: int
+    cost: NDArray, lo: int, hi: int, max_updates: int, prices: NDArray[np.float64]
 ) -> tuple[NDArray[np.float64], NDArray[np.intp], NDArray[np.intp]]:
     """Gauss-Seidel coordinate ascent on the cluster prices (phase 1 of balanced_assignment)."""
     n, k = cost.shape
-    prices = np.zeros(k, dtype=np.float64)
+    prices = prices.copy()
     b1, v1, b2, v2 = _top2(cost, prices)
     counts = np.bincount(b1, minlength=k)
     j = -1
     stalled = 0
     n_updates = 0
-    for n_updates in range(max_updates):
+    for n_updates in range(max_updates + 1):
         todo = np.flatnonzero(_slack_violations(prices, counts, lo, hi))
-        if todo.size == 0 or stalled >= todo.size:
+        if todo.size == 0 or stalled >= todo.size or n_updates == max_updates:
             break
-        # Round-robin over the clusters that still need a price change.
-        nxt = todo[todo > j]
-        j = int(nxt[0] if nxt.size else todo[0])
+        # Fix the cluster furthest from its bound first (round-robin once prices stall on ties).
+        gap = np.maximum(counts - hi, lo - counts)[todo]
+        if stalled:
+            nxt = todo[todo > j]
+            j = int(nxt[0] if nxt.size else todo[0])
+        else:
+            j = int(todo[np.argmax(gap)])
         thresholds = np.where(b1 == j, v2, v1) - cost[:, j]
         new = _coordinate_price(thresholds, lo, hi)
         old = prices[j]

@@ -52,7 +52,7 @@ class Denoiser:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                total += float(loss) * len(index)
+                total += float(loss.detach()) * len(index)
                 count += len(index)
             if should_abort():
                 raise AbortRequested("abort requested during DRVAE training")

@@ -237,3 +237,13 @@ def run_env() -> dict[str, str]:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = "1"
     return env
+
+
+def without_rotational_average(img: np.ndarray) -> np.ndarray:
+    """``img`` minus its rotational average about pixel (box//2, box//2): only the part that
+    changes with in-plane rotation is left, so a rotationally blurred average scores near 0."""
+    box = img.shape[-1]
+    y, x = np.mgrid[:box, :box] - box // 2
+    r = np.rint(np.hypot(x, y)).astype(int)
+    profile = np.bincount(r.ravel(), img.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
+    return img - profile[r]

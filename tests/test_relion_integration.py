@@ -22,7 +22,7 @@ import starfile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from relion_helpers import (circular_mask, make_particle_set, relion313_external_argv,  # noqa: E402
-                            run_env, stack_correlation)
+                            run_env, stack_correlation, without_rotational_average)
 
 RELION_MISSING = ("RELION 3.1.3 is NOT installed (relion_refine not on PATH): the RELION integration "
                   "tests did NOT run. Install it with `make install-relion` (scripts/install_relion.sh)")
@@ -38,16 +38,14 @@ EMPTY_PIPELINE = "\n# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobC
 
 
 def _pipeline_run_available() -> bool:
-    try:
-        from cryo_drvae.pipeline import run  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """False only while cryo_drvae/pipeline.py does not exist; a broken import must fail the tests."""
+    import importlib.util
+    return importlib.util.find_spec("cryo_drvae.pipeline") is not None
 
 
 def _wrapper_exe() -> str:
     if not _pipeline_run_available():
-        pytest.skip("cryo_drvae.pipeline.run does not exist yet: RELION integration tests of the classifier NOT run")
+        pytest.skip("cryo_drvae/pipeline.py does not exist yet: RELION integration tests of the classifier NOT run")
     return str(WRAPPER) if WRAPPER.exists() else shutil.which("cryo-drvae-relion")
 
 
@@ -73,7 +71,7 @@ def add_and_run_external(project: Path, fn_exe: str, in_parts: str, params, thre
     relion("relion_pipeliner", "--addJob", "External", "--addJobOptions", ";".join(options), cwd=project)
     job = sorted(p for p in (project / "External").iterdir() if p.is_dir())[-1]
     job_name = f"External/{job.name}/"
-    relion("relion_pipeliner", "--RunJobs", job_name, "--sec_wait_after", "0", cwd=project, timeout=600)
+    relion("relion_pipeliner", "--RunJobs", job_name, "--sec_wait_after", "0", cwd=project, timeout=170)
     return job_name
 
 
@@ -109,6 +107,8 @@ def test_relion_313_passes_the_argv_our_parser_is_tested_with(tmp_path):
                     "json.dump(sys.argv[1:], open(os.path.join(o, 'argv.json'), 'w'))\n"
                     "open(os.path.join(o, 'RELION_JOB_EXIT_SUCCESS'), 'w').close()\n")
     dump.chmod(0o755)
+    (project / "Extract/job002").mkdir(parents=True)
+    (project / "Extract/job002/particles.star").write_text("data_\n")   # the scheduler waits for inputs
     params = [("K", "50"), ("continue", ""), ("", "7"), ("gpu", "0,1")]
     job = add_and_run_external(project, str(dump), "Extract/job002/particles.star", params, threads=4,
                                other_args="--seed 3 --extra 1")
@@ -212,22 +212,31 @@ def test_relion_convention_with_known_poses(tmp_path):
 
 
 def test_our_psi_and_origins_follow_relion_convention(our_run):
-    """relion_stack_create --apply_transformation with our psi/origins must reproduce our class averages."""
+    """relion_stack_create --apply_transformation with our psi/origins must reproduce our class averages,
+    and must not with the psi sign flipped."""
     project, prefix = our_run["project"], our_run["prefix"]
     averages = mrcfile.read(project / f"{prefix}_class_averages.mrcs")
+    psi = starfile.read(project / f"{prefix}_data.star", always_dict=True)["particles"][["rlnClassNumber", "rlnAnglePsi"]]
     mask = circular_mask(BOX, 0.4)
     means, counts = _aligned_class_means(project, f"{prefix}_data.star", flip_psi=False)
     flipped, _ = _aligned_class_means(project, f"{prefix}_data.star", flip_psi=True)
-    checked = 0
+    sign_tested = 0
     for k, mean in means.items():
         if counts[k] < 5:
             continue
         right = stack_correlation(mean, averages[k - 1], mask)
-        wrong = stack_correlation(flipped[k], averages[k - 1], mask)
-        assert right > 0.8, f"class {k}: aligned particles vs our average r={right:.2f} (psi flipped: {wrong:.2f})"
-        assert wrong < right - 0.2, f"class {k}: psi sign not tested (r={right:.2f}, flipped {wrong:.2f})"
-        checked += 1
-    assert checked >= 2
+        assert right > 0.8, f"class {k}: particles aligned by RELION vs our average r={right:.2f}"
+        # flipping psi only changes particles whose psi is not 0 or 180 degrees
+        class_psi = np.deg2rad(psi.loc[psi["rlnClassNumber"] == k, "rlnAnglePsi"].to_numpy())
+        if np.mean(np.abs(np.sin(class_psi)) > 0.5) < 0.5:
+            continue
+        # the rotationally symmetric part matches whatever the angles; compare the rest
+        reference = without_rotational_average(averages[k - 1])
+        right_r = stack_correlation(without_rotational_average(mean), reference, mask)
+        wrong_r = stack_correlation(without_rotational_average(flipped[k]), reference, mask)
+        assert wrong_r < right_r - 0.3, f"class {k}: psi flipped still matches (r={right_r:.2f}, flipped {wrong_r:.2f})"
+        sign_tested += 1
+    assert sign_tested >= 1, "no class had psi values that a sign flip changes: the psi sign was not tested"
 
 
 # ---- input formats ------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Result pictures: class-average gallery, convergence curves, side-by-side comparisons.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend change) and
+written atomically as PNG. Images are drawn with row 0 at the top.
+
+>>> plot_class_gallery(averages, counts, "run_classes.png")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from numpy.typing import ArrayLike, NDArray
+
+from .io_utils import atomic_path
+
+TILE_INCHES = 1.4
+X_KEYS = ("round", "iteration", "epoch")      # history keys used as the x axis, never plotted
+
+
+def gallery_order(counts: ArrayLike) -> NDArray[np.int64]:
+    """Class indices (0-based) by decreasing size; ties keep class order."""
+    return np.argsort(-np.asarray(counts), kind="stable")
+
+
+def grid_shape(n_tiles: int) -> tuple[int, int]:
+    """``(rows, columns)`` of a near-square grid holding ``n_tiles``."""
+    cols = max(1, math.ceil(math.sqrt(n_tiles)))
+    return max(1, math.ceil(n_tiles / cols)), cols
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def _show(ax: Axes, image: NDArray, greyed: bool = False) -> None:
+    """One image with robust contrast (1st-99th percentile); greyed = washed out."""
+    image = np.asarray(image, dtype=np.float64)
+    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    ax.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1,
+              alpha=0.25 if greyed else 1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_class_gallery(class_averages: NDArray, counts: ArrayLike, path: str | os.PathLike) -> Path:
+    """Class averages largest first, each titled ``class k: n`` (k 1-based); empty ones greyed.
+
+    Parameters
+    ----------
+    class_averages : ndarray, shape (K, box, box)
+    counts : array-like, shape (K,)
+        Particles per class.
+    path
+        PNG to write.
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` does not have one entry per class average.
+    """
+    counts = np.asarray(counts)
+    if class_averages.ndim != 3 or counts.shape != (len(class_averages),):
+        raise ValueError(f"need averages (K, box, box) and counts (K,), got {class_averages.shape} "
+                         f"and {counts.shape}")
+    rows, cols = grid_shape(len(counts))
+    fig = Figure(figsize=(cols * TILE_INCHES, rows * (TILE_INCHES + 0.2)))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, k in zip(axes, gallery_order(counts)):
+        empty = counts[k] == 0
+        _show(ax, class_averages[k], greyed=empty)
+        ax.set_title(f"class {k + 1}: {counts[k]}", fontsize=8, color="0.6" if empty else "black")
+    for ax in axes[len(counts):]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _numeric_keys(history: Sequence[Mapping]) -> list[str]:
+    keys: list[str] = []
+    for record in history:
+        for key, value in record.items():
+            if (key not in keys and key not in X_KEYS and isinstance(value, (int, float, np.number))
+                    and not isinstance(value, bool)):
+                keys.append(key)
+    return sorted(keys, key=lambda k: k != "changed_fraction")     # changed_fraction first
+
+
+def plot_convergence(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """One panel per numeric key of ``history`` (``changed_fraction`` first), x = round.
+
+    Parameters
+    ----------
+    history
+        One dict per round, e.g. ``{"round": 3, "changed_fraction": 0.02, "loss": 1.7}``. The x
+        axis is the ``round`` (or ``iteration``/``epoch``) value, else the 1-based position.
+        A key missing from some rounds is drawn where present.
+
+    Raises
+    ------
+    ValueError
+        If ``history`` is empty or holds no numeric values.
+    """
+    keys = _numeric_keys(history)
+    if not keys:
+        raise ValueError("history has no rounds with numeric values to plot")
+    x_key = next((k for k in X_KEYS if all(k in r for r in history)), None)
+    x = [r[x_key] if x_key else i + 1 for i, r in enumerate(history)]
+    fig = Figure(figsize=(5, 2.0 * len(keys)))
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        points = [(xi, r[key]) for xi, r in zip(x, history) if key in r]
+        ax.plot(*zip(*points), marker="o", markersize=3)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel(x_key or "round")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_side_by_side(rows: Mapping[str, NDArray], path: str | os.PathLike, title: str = "") -> Path:
+    """Named image stacks, one per row (e.g. ``truth``, ``RELION``, ``cryo-drvae``).
+
+    Parameters
+    ----------
+    rows
+        Row label -> images ``(n, box, box)``; rows may differ in ``n`` and ``box``.
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` is empty or a stack is not 3D.
+    """
+    if not rows:
+        raise ValueError("rows is empty; pass at least one named image stack")
+    bad = [name for name, stack in rows.items() if np.ndim(stack) != 3]
+    if bad:
+        raise ValueError(f"row(s) {', '.join(bad)} are not image stacks (n, box, box)")
+    n_cols = max(1, max(len(stack) for stack in rows.values()))
+    fig = Figure(figsize=(n_cols * TILE_INCHES + 0.8, len(rows) * TILE_INCHES + (0.4 if title else 0)))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for r, (name, stack) in enumerate(rows.items()):
+        for c in range(n_cols):
+            if c < len(stack):
+                _show(axes[r, c], stack[c])
+            else:
+                axes[r, c].set_axis_off()
+        axes[r, 0].set_ylabel(name, fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,52 @@
+"""Tests of the result pictures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryo_drvae.plots import (gallery_order, grid_shape, plot_class_gallery, plot_convergence,
+                              plot_side_by_side)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_gallery_order_largest_first_ties_in_class_order():
+    assert gallery_order([5, 40, 0, 40, 12]).tolist() == [1, 3, 4, 0, 2]
+
+
+def test_grid_shape_is_near_square():
+    assert grid_shape(10) == (3, 4)
+    assert grid_shape(16) == (4, 4)
+    assert grid_shape(1) == (1, 1)
+
+
+def test_class_gallery_writes_png(tmp_path):
+    rng = np.random.default_rng(0)
+    averages = rng.normal(size=(5, 16, 16)).astype(np.float32)
+    path = plot_class_gallery(averages, np.array([5, 40, 0, 40, 12]), tmp_path / "classes.png")
+    assert path == tmp_path / "classes.png" and _is_png(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["classes.png"]       # no temporary left behind
+
+
+def test_class_gallery_rejects_mismatched_counts(tmp_path):
+    with pytest.raises(ValueError, match="counts"):
+        plot_class_gallery(np.zeros((3, 8, 8)), np.array([1, 2]), tmp_path / "x.png")
+
+
+def test_convergence_plot(tmp_path):
+    history = [{"round": r, "changed_fraction": 0.5 / r, "loss": 10.0 / r, "note": "x"} for r in range(1, 6)]
+    assert _is_png(plot_convergence(history, tmp_path / "conv.png"))
+    with pytest.raises(ValueError, match="numeric"):
+        plot_convergence([], tmp_path / "empty.png")
+
+
+def test_side_by_side(tmp_path):
+    rows = {"truth": np.zeros((4, 16, 16)), "RELION": np.ones((3, 16, 16)), "cryo-drvae": np.eye(8)[None]}
+    assert _is_png(plot_side_by_side(rows, tmp_path / "side.png", title="K=4"))
+    with pytest.raises(ValueError, match="truth"):
+        plot_side_by_side({"truth": np.zeros((16, 16))}, tmp_path / "bad.png")
