@@ -287,13 +287,9 @@ def _price_phase(
         todo = np.flatnonzero(_slack_violations(prices, counts, lo, hi))
         if todo.size == 0 or stalled >= todo.size or n_updates == max_updates:
             break
-        # Fix the cluster furthest from its bound first (round-robin once prices stall on ties).
-        gap = np.maximum(counts - hi, lo - counts)[todo]
-        if stalled:
-            nxt = todo[todo > j]
-            j = int(nxt[0] if nxt.size else todo[0])
-        else:
-            j = int(todo[np.argmax(gap)])
+        # Round-robin over the clusters that still need a price change.
+        nxt = todo[todo > j]
+        j = int(nxt[0] if nxt.size else todo[0])
         thresholds = np.where(b1 == j, v2, v1) - cost[:, j]
         new = _coordinate_price(thresholds, lo, hi)
         old = prices[j]
