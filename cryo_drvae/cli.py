@@ -87,10 +87,12 @@ def main() -> None:
 @clean_errors
 def classify(verbose: bool, gpu: str | None, no_drvae: bool, no_ctf: bool, **options: Any) -> None:
     """Classify particles: writes <o>_data.star, _model.star, _class_averages.mrcs and PNGs."""
+    from .outputs import check_outputs_writable
     from .pipeline import run
 
     cfg = RunConfig.from_options(device=parse_gpu(gpu), use_drvae=not no_drvae, use_ctf=not no_ctf,
                                  **options)
+    check_outputs_writable(cfg.output_prefix)   # before the log file is created there
     setup_logging(Path(f"{cfg.output_prefix}_run.log"), verbose)
     result = run(cfg)
     for name, path in result.paths.items():

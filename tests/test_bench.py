@@ -94,12 +94,15 @@ def test_markdown_table_rows_columns_and_summary():
 
 def test_results_store_replaces_rows_of_the_same_set_and_method(tmp_path):
     m = bl.Measurement(1, 1, None)
-    results = bl.load_results(tmp_path / "results.json")
-    for acc_pred in (np.array([1, 2, 2, 2]), np.array([1, 1, 2, 2])):
-        bl.merge_row(results, bl.score_row("hard", "oracle", np.array([1, 1, 2, 2]), acc_pred, m, "c"))
-    bl.merge_row(results, bl.score_row("easy", "cryo-drvae", np.array([1, 1, 2, 2]), np.array([1, 1, 2, 2]), m, "c"))
-    bl.save_results(results, tmp_path / "results.json")
-    rows = bl.rows_of(bl.load_results(tmp_path / "results.json"))
+    path = tmp_path / "results.json"
+    bl.record(path, command="python bench/run_bench.py --sets hard")
+    for pred in (np.array([1, 2, 2, 2]), np.array([1, 1, 2, 2])):
+        bl.record(path, bl.score_row("hard", "oracle", np.array([1, 1, 2, 2]), pred, m, "c"))
+    bl.record(path, bl.score_row("easy", "cryo-drvae", np.array([1, 1, 2, 2]), np.array([1, 1, 2, 2]), m, "c"),
+              command="python bench/run_bench.py --sets hard")
+    stored = bl.load_results(path)
+    assert stored["commands"] == ["python bench/run_bench.py --sets hard"]
+    rows = bl.rows_of(stored)
     assert [(r.set, r.method, r.accuracy) for r in rows] == [("easy", "cryo-drvae", 1.0), ("hard", "oracle", 1.0)]
 
 

@@ -56,9 +56,10 @@ def test_missing_star(tmp_path):
 
 
 def test_missing_stack(tiny, tmp_path):
-    stacks_of(tiny)[1].unlink()
+    missing = stacks_of(tiny)[1]
+    missing.unlink()
     out = tmp_path / "out"
-    assert_clean_failure(classify(tiny / "particles.star", out), stacks_of(tiny)[0].name[:-5], out=out)
+    assert_clean_failure(classify(tiny / "particles.star", out), missing.name, "--data_dir", out=out)
 
 
 def test_truncated_stack(tiny, tmp_path):
