@@ -77,7 +77,8 @@ def main() -> None:
 @click.option("--continue", "continue_run", is_flag=True, help="Resume from the last round's checkpoint.")
 @click.option("--balance", type=float, default=None,
               help="BSK-means++ balance: smallest class >= balance * N / K (0 = plain K-means++).")
-@click.option("--no_drvae", is_flag=True, help="Ablation: cluster low-passed raw images, no DRVAE.")
+@click.option("--drvae/--no_drvae", "use_drvae", default=None,
+              help="Start from DRVAE-denoised BSK-means++ (the paper's step 2) instead of class growing.")
 @click.option("--no_ctf", is_flag=True, help="Ignore CTF parameters (e.g. for phase-flipped data).")
 @click.option("--data_dir", default=None, help="Folder image paths are relative to (default: working dir).")
 @click.option("--working_box", type=int, default=None, help="Working box in px after Fourier cropping.")
@@ -85,12 +86,12 @@ def main() -> None:
 @click.option("--epochs", "epochs_initial", type=int, default=None, help="Initial DRVAE epochs.")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 @clean_errors
-def classify(verbose: bool, gpu: str | None, no_drvae: bool, no_ctf: bool, **options: Any) -> None:
+def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> None:
     """Classify particles: writes <o>_data.star, _model.star, _class_averages.mrcs and PNGs."""
     from .outputs import check_outputs_writable
     from .pipeline import run
 
-    cfg = RunConfig.from_options(device=parse_gpu(gpu), use_drvae=not no_drvae, use_ctf=not no_ctf,
+    cfg = RunConfig.from_options(device=parse_gpu(gpu), use_ctf=not no_ctf,
                                  **options)
     check_outputs_writable(cfg.output_prefix)   # before the log file is created there
     setup_logging(Path(f"{cfg.output_prefix}_run.log"), verbose)

@@ -7,6 +7,7 @@ A checkpoint after every round lets ``continue_run`` resume an interrupted job.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import sys
@@ -28,7 +29,8 @@ from .errors import AbortRequested, ConfigError, InputFileError
 from .io_utils import atomic_path
 from .outputs import ClassificationResult, check_outputs_writable, write_run_outputs
 from .preprocess import WorkingSet, choose_working_box, prepare_working_set
-from .refine import Assignment, Refiner, lowpass
+from .refine import Assignment, Refiner, posterior
+from .splitting import grow_classes
 from .stack import ParticleStack
 from .star_io import ParticleTable, pixel_sizes, read_particles
 from .train import Denoiser
@@ -100,6 +102,7 @@ def run(cfg: RunConfig, should_abort: Callable[[], bool] | None = None) -> RunRe
     timer = StageTimer()
     check_outputs_writable(cfg.output_prefix)
     torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)   # tiny posteriors as denormals slow CPU matmuls many-fold
     device = resolve_device(cfg.device)
     rng = seed_everything(cfg.seed)
     logger.info("cryo-drvae %s: %s", __version__, " ".join(sys.argv))
@@ -116,9 +119,9 @@ def run(cfg: RunConfig, should_abort: Callable[[], bool] | None = None) -> RunRe
     state = load_checkpoint(cfg) if cfg.continue_run else None
     if state is None:
         with timer("train"):
-            denoiser, denoised = initial_denoising(ws, cfg, device, abort)
+            denoiser = initial_denoiser(ws, cfg, device, abort)
         with timer("cluster"):
-            state = initial_clustering(refiner, denoised, denoiser, rng)
+            state = initial_classes(refiner, ws, denoiser, cfg, device, rng, abort)
         save_checkpoint(cfg, state)
     else:
         denoiser = restore_denoiser(state, ws, cfg, device)
@@ -147,28 +150,41 @@ def single_pixel_size(table: ParticleTable) -> float:
     return float(sizes[0])
 
 
-def initial_denoising(ws: WorkingSet, cfg: RunConfig, device: torch.device,
-                      abort: Callable[[], bool]) -> tuple[Denoiser | None, torch.Tensor]:
-    """Step 1: train the DRVAE unsupervised and denoise (or a low-pass when it is disabled)."""
+def initial_denoiser(ws: WorkingSet, cfg: RunConfig, device: torch.device,
+                     abort: Callable[[], bool]) -> Denoiser | None:
+    """Step 1: train the DRVAE unsupervised on the phase-flipped particles."""
     if not cfg.train.use_drvae:
-        return None, lowpass(ws.flipped, ws.box_size // 4)
+        return None
     denoiser = Denoiser(ws.box_size, cfg.train, device, cfg.seed)
     loss = denoiser.train(ws.flipped, ws.flipped, cfg.train.epochs_initial, abort)
     logger.info("DRVAE trained %d epochs, loss %.4f", cfg.train.epochs_initial, loss)
-    return denoiser, denoiser.denoise(ws.flipped)
+    return denoiser
 
 
-def initial_clustering(refiner: Refiner, denoised: torch.Tensor, denoiser: Denoiser | None,
-                       rng: np.random.Generator) -> RoundState:
-    """Step 2: BSK-means++ of the denoised images under alignment; first references."""
-    assignment = refiner.cluster_denoised(denoised, rng)
-    references = refiner.references(refiner.statistics_from_labels(assignment.labels, assignment.pose))
-    k = refiner.cfg.n_classes
-    sizes = np.bincount(assignment.labels, minlength=k)
-    logger.info("BSK-means++ initial classes: sizes %d-%d", sizes.min(), sizes.max())
+def initial_classes(refiner: Refiner, ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConfig,
+                    device: torch.device, rng: np.random.Generator, abort: Callable[[], bool]) -> RoundState:
+    """Step 2: first classes and references.
+
+    With the DRVAE: BSK-means++ of the denoised particles under alignment (the paper's step 2).
+    Without: classes grown from one by splitting, with coarse-to-fine EM (robust at low SNR).
+    """
+    k = cfg.cluster.n_classes
+    if denoiser is not None:
+        assignment = refiner.cluster_denoised(denoiser.denoise(ws.flipped), rng)
+        stats = refiner.statistics_from_labels(assignment.labels, assignment.pose)
+        references, log_prior = refiner.references(stats), np.full(k, -np.log(k))
+        labels = assignment.labels
+    else:
+        coarse = Refiner(ws, dataclasses.replace(cfg.cluster, psi_step=max(20.0, cfg.cluster.psi_step)), device)
+        grown = grow_classes(coarse, k, should_abort=abort)
+        references, log_prior = grown.refs, grown.log_prior
+        labels = posterior(grown.loglik, grown.log_prior).argmax(1)
+    sizes = np.bincount(labels, minlength=k)
+    logger.info("initial classes: sizes %d-%d", sizes.min(), sizes.max())
     history = [{"round": 0, "changed_fraction": 1.0, "class_size_min": int(sizes.min()),
                 "class_size_max": int(sizes.max())}]
-    return RoundState(0, assignment, references, np.full(k, -np.log(k)), history,
+    start = Assignment(labels, np.zeros_like(labels), np.zeros(len(labels)), np.ones(len(labels)))
+    return RoundState(0, start, references, log_prior, history,
                       denoiser.state_dict() if denoiser else None)
 
 
@@ -178,7 +194,8 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
     while state.round < cfg.cluster.n_rounds:
         started = time.perf_counter()
         with timer("align"):
-            assignment, references, log_prior = refiner.em_round(state.references, state.log_prior)
+            step = refiner.em_step(state.references, state.log_prior)
+            assignment = refiner.assign(step)
         changed = float(np.mean(assignment.labels != state.assignment.labels))
         entry = {"round": state.round + 1, "changed_fraction": changed,
                  "mean_cost": float(np.mean(assignment.cost))}
@@ -187,7 +204,7 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
                 entry["drvae_loss"] = pseudo_target_training(refiner, ws, assignment, denoiser, cfg, abort)
         sizes = np.bincount(assignment.labels, minlength=cfg.cluster.n_classes)
         entry.update(class_size_min=int(sizes.min()), class_size_max=int(sizes.max()))
-        state = RoundState(state.round + 1, assignment, references, log_prior, state.history + [entry],
+        state = RoundState(state.round + 1, assignment, step.refs, step.log_prior, state.history + [entry],
                            denoiser.state_dict() if denoiser else None)
         save_checkpoint(cfg, state)
         logger.info("round %d/%d: %.1f%% of labels changed, class sizes %d-%d, %.1f s (%.0f particles/s)",

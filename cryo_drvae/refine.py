@@ -46,6 +46,23 @@ class Statistics:
     weights: torch.Tensor          # (K,) total weight per class
 
 
+@dataclass
+class EMState:
+    """References and priors after a step, with the E-step results that produced them."""
+
+    refs: torch.Tensor             # (K, W, W)
+    log_prior: NDArray             # (K,)
+    loglik: NDArray | None         # (n, K) class log-likelihoods, poses marginalised
+    best_pose: NDArray | None      # (n, K) most likely pose per class
+
+
+def posterior(loglik: NDArray, log_prior: NDArray) -> NDArray:
+    """Class posteriors ``(n, K)`` from log-likelihoods and log-priors."""
+    joint = loglik + log_prior[None]
+    post = np.exp(joint - joint.max(1, keepdims=True))
+    return post / post.sum(1, keepdims=True)
+
+
 class Refiner:
     """Alignment and classification machinery for one working set."""
 
@@ -134,9 +151,10 @@ class Refiner:
         return images[seeds].clone()
 
     # ---- CTF-aware likelihood on raw particles -----------------------------------------
-    def statistics_from_labels(self, labels: NDArray, pose: NDArray) -> Statistics:
+    def statistics_from_labels(self, labels: NDArray, pose: NDArray,
+                               n_classes: int | None = None) -> Statistics:
         """Hard-assignment statistics (one pose per particle)."""
-        k, p = self.cfg.n_classes, self.grid.n_poses
+        k, p = n_classes or self.cfg.n_classes, self.grid.n_poses
         sums = torch.zeros(k * p, self.weighted.shape[1])
         sums.index_add_(0, torch.from_numpy(labels * p + pose), self.weighted)
         ctf2 = torch.zeros(k, self.ws.ctf2_shells.shape[1]).index_add_(0, torch.from_numpy(labels),
@@ -185,31 +203,33 @@ class Refiner:
         stats = Statistics(sums.reshape(k, p, -1).cpu(), ctf2_sums.cpu(), weights.cpu())
         return loglik, best_pose, stats
 
-    def em_round(self, refs: torch.Tensor, log_prior: NDArray) -> tuple[Assignment, torch.Tensor, NDArray]:
-        """One soft E/M step: balanced labels, new Wiener references and new class log-priors."""
-        loglik, best_pose, stats = self.expectation(refs, torch.from_numpy(log_prior).float())
-        assignment = self.assign(loglik, best_pose, log_prior)
-        joint = loglik + log_prior[None]
-        posterior = np.exp(joint - joint.max(1, keepdims=True))
-        posterior /= posterior.sum(1, keepdims=True)
-        stats.weights = torch.from_numpy(posterior.sum(0)).float()
-        k = self.cfg.n_classes
-        prior = np.maximum(posterior.mean(0), self.cfg.balance / k)   # BSK floor, as a prior
-        return assignment, self.references(stats), np.log(prior / prior.sum())
+    def em_step(self, refs: torch.Tensor, log_prior: NDArray, max_shell: float | None = None,
+                floor: float | None = None) -> EMState:
+        """One soft E/M step: new Wiener references (low-passed to ``max_shell``) and class priors.
 
-    def assign(self, loglik: NDArray, best_pose: NDArray, log_prior: NDArray) -> Assignment:
-        """Balanced (BSK) hard assignment from class log-likelihoods."""
-        n, k = loglik.shape
-        log_post = loglik + log_prior[None]
-        log_post = log_post - log_post.max(1, keepdims=True)
-        posterior = np.exp(log_post)
-        posterior /= posterior.sum(1, keepdims=True)
+        The returned log-likelihoods and best poses belong to the references that were given.
+        ``floor`` (default: the balance) keeps every class prior >= floor / K.
+        """
+        loglik, best_pose, stats = self.expectation(refs, torch.from_numpy(log_prior).float())
+        post = posterior(loglik, log_prior)
+        stats.weights = torch.from_numpy(post.sum(0)).float()
+        new_refs = self.references(stats)
+        if max_shell is not None and max_shell < self.ws.box_size // 2:
+            new_refs = lowpass(new_refs, max_shell) * self.solvent_mask
+        k = refs.shape[0]
+        floor = self.cfg.balance if floor is None else floor
+        prior = np.maximum(post.mean(0), floor / k)
+        return EMState(new_refs, np.log(prior / prior.sum()), loglik, best_pose)
+
+    def assign(self, state: EMState) -> Assignment:
+        """BSK balanced hard labels from an E-step's class log-likelihoods and priors."""
+        n, k = state.loglik.shape
+        cost = -(state.loglik + state.log_prior[None])
         lo, hi = size_bounds(n, k, self.cfg.balance)
-        cost = -(loglik + log_prior[None])
         labels = balanced_assignment(cost - cost.min(1, keepdims=True), lo, hi)
         rows = np.arange(n)
-        return Assignment(labels, best_pose[rows, labels], cost[rows, labels], posterior[rows, labels])
-
+        confidence = posterior(state.loglik, state.log_prior)[rows, labels]
+        return Assignment(labels, state.best_pose[rows, labels], cost[rows, labels], confidence)
 
 def _shell_sum(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
     flat = values.reshape(values.shape[0], -1)

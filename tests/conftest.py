@@ -13,9 +13,9 @@ from cryo_drvae.simulate import SimulationConfig, simulate_dataset
 
 @pytest.fixture(scope="session")
 def small_set(tmp_path_factory: pytest.TempPathFactory):
-    """4 views x 60 particles, box 48 at 4 Å/px, SNR 0.05, random psi/shift/CTF."""
+    """4 views x 60 particles, box 48 at 4 Å/px, SNR 0.1, random psi/shift/CTF."""
     out = tmp_path_factory.mktemp("small_set")
-    return simulate_dataset(SimulationConfig(n_classes=4, n_particles=240, snr=0.05, box_size=48,
+    return simulate_dataset(SimulationConfig(n_classes=4, n_particles=240, snr=0.1, box_size=48,
                                              pixel_size=4.0, particles_per_stack=100, seed=3), out)
 
 
