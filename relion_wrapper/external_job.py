@@ -376,6 +376,9 @@ def configure_logging(verbose: bool = False) -> None:
         h._cryo_drvae_relion = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    package = logging.getLogger("cryo_drvae")     # undo a CLI set-up in the same process
+    package.handlers.clear()
+    package.propagate = True
 
 
 def _job_dir_from_argv(argv: Sequence[str]) -> str | None:
