@@ -190,12 +190,11 @@ def initial_classes(refiner: Refiner, ws: WorkingSet, denoiser: Denoiser | None,
 
 def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoiser: Denoiser | None,
                       cfg: RunConfig, timer: StageTimer, abort: Callable[[], bool]) -> RoundState:
-    """Steps 3-4: likelihood refinement + pseudo-target DRVAE training until labels settle."""
+    """Steps 3-4: BSK-means++ rounds in the likelihood metric (+ pseudo-target DRVAE training)."""
     while state.round < cfg.cluster.n_rounds:
         started = time.perf_counter()
         with timer("align"):
-            step = refiner.em_step(state.references, state.log_prior)
-            assignment = refiner.assign(step)
+            assignment, step = refiner.bsk_step(state.references, state.log_prior)
         changed = float(np.mean(assignment.labels != state.assignment.labels))
         entry = {"round": state.round + 1, "changed_fraction": changed,
                  "mean_cost": float(np.mean(assignment.cost))}

@@ -174,7 +174,8 @@ class Refiner:
         refs[stats.weights <= 0] = 0.0
         return refs
 
-    def expectation(self, refs: torch.Tensor, log_prior: torch.Tensor) -> tuple[NDArray, NDArray, Statistics]:
+    def expectation(self, refs: torch.Tensor, log_prior: torch.Tensor,
+                    soft_statistics: bool = True) -> tuple[NDArray, NDArray, Statistics | None]:
         """Class log-likelihoods ``(n, K)`` (poses marginalised), best pose per class and soft statistics."""
         k, p = refs.shape[0], self.grid.n_poses
         templates = self.op.forward(refs)                                    # (K, P, M)
@@ -193,12 +194,15 @@ class Refiner:
             norms = ctf2 @ power.t().to(self.device)                         # (c, K)
             scores = (pose_scores(chunk, templates) - 0.5 * norms[:, :, None]) / self.ws.noise_var
             class_ll = torch.logsumexp(scores, dim=2) + log_pose_prior       # (c, K)
-            joint = scores + (log_prior.to(self.device)[None, :, None] + log_pose_prior)
-            post = torch.softmax(joint.reshape(len(chunk), -1), dim=1)       # (c, K*P)
-            sums += post.t() @ chunk
-            ctf2_sums += post.reshape(len(chunk), k, p).sum(2).t() @ ctf2
+            if soft_statistics:
+                joint = scores + (log_prior.to(self.device)[None, :, None] + log_pose_prior)
+                post = torch.softmax(joint.reshape(len(chunk), -1), dim=1)   # (c, K*P)
+                sums += post.t() @ chunk
+                ctf2_sums += post.reshape(len(chunk), k, p).sum(2).t() @ ctf2
             loglik[part] = class_ll.cpu().numpy()
             best_pose[part] = scores.argmax(dim=2).cpu().numpy()
+        if not soft_statistics:
+            return loglik, best_pose, None
         weights = ctf2_sums.new_zeros(k)  # filled by the caller from the posteriors
         stats = Statistics(sums.reshape(k, p, -1).cpu(), ctf2_sums.cpu(), weights.cpu())
         return loglik, best_pose, stats
@@ -220,6 +224,22 @@ class Refiner:
         floor = self.cfg.balance if floor is None else floor
         prior = np.maximum(post.mean(0), floor / k)
         return EMState(new_refs, np.log(prior / prior.sum()), loglik, best_pose)
+
+    def bsk_step(self, refs: torch.Tensor, log_prior: NDArray) -> tuple[Assignment, EMState]:
+        """One BSK-means++ step in the likelihood metric.
+
+        Balanced labels from the CTF-aware log-likelihoods, then the centres (references) are the
+        Wiener averages of exactly those members at their best poses. Hard, balanced centres keep a
+        class that happens to be sharper from absorbing its neighbours, which soft EM allows at low SNR.
+        """
+        loglik, best_pose, _ = self.expectation(refs, torch.from_numpy(log_prior).float(),
+                                                soft_statistics=False)
+        assignment = self.assign(EMState(refs, log_prior, loglik, best_pose))
+        new_refs = self.references(self.statistics_from_labels(assignment.labels, assignment.pose))
+        k = self.cfg.n_classes
+        sizes = np.bincount(assignment.labels, minlength=k) / len(assignment.labels)
+        prior = np.maximum(sizes, self.cfg.balance / k)
+        return assignment, EMState(new_refs, np.log(prior / prior.sum()), loglik, best_pose)
 
     def assign(self, state: EMState) -> Assignment:
         """BSK balanced hard labels from an E-step's class log-likelihoods and priors."""
