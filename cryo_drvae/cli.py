@@ -70,7 +70,7 @@ def main() -> None:
 @click.option("--K", "n_classes", type=int, default=50, show_default=True, help="Number of classes.")
 @click.option("--j", "threads", type=int, default=1, show_default=True, help="CPU threads.")
 @click.option("--particle_diameter", type=float, default=0.0, show_default=True,
-              help="Particle diameter in Å (0 = 75% of the box).")
+              help="Particle diameter in Å (0 = 60% of the box).")
 @click.option("--iter", "n_rounds", type=int, default=None, help="Maximum number of classification rounds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (runs are reproducible).")
 @click.option("--gpu", default=None, is_flag=False, flag_value="", help='Use a GPU: "0" or RELION-style "0,1".')

@@ -112,7 +112,7 @@ def run(cfg: RunConfig, should_abort: Callable[[], bool] | None = None) -> RunRe
         stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
         ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
         pixel_size = single_pixel_size(table)
-        diameter = cfg.data.particle_diameter or 0.75 * stack.box_size * pixel_size
+        diameter = cfg.data.particle_diameter or 0.6 * stack.box_size * pixel_size
         box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box)
         ws = prepare_working_set(stack, ctf, pixel_size, diameter, box, rng, should_abort=abort)
     refiner = Refiner(ws, cfg.cluster, device)
