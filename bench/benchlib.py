@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -68,7 +69,7 @@ class BenchSet:
         RELION iterations actually run; fewer than ``RELION_TARGET_ITER`` means the time is
         extrapolated to ``RELION_TARGET_ITER`` and the accuracy is the one after ``relion_iter``.
     ablations : bool
-        Also run cryo-drvae with ``--no_drvae`` and with ``--balance 0``.
+        Also run cryo-drvae with ``--no_drvae``, ``--balance 0`` and ``--drvae``.
     """
 
     name: str
@@ -250,14 +251,14 @@ def fit_template_scale(refiner: Refiner, refs: torch.Tensor, start: float) -> fl
     def score(log_a: float) -> float:
         return total_log_likelihood(refiner, float(np.exp(log_a)) * refs)
 
-    grid = np.log(start) + np.log(2.0) * np.arange(-4, 5)
+    grid = np.log(start) + np.log(2.0) * np.arange(-3, 4)
     values = [score(x) for x in grid]
     best = int(np.argmax(values))
     lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
     ratio = (np.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = score(a), score(b)
-    for _ in range(8):
+    for _ in range(6):
         if fa > fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
@@ -308,10 +309,12 @@ def oracle_labels(sim: SimulatedSet, threads: int = 1) -> tuple[NDArray[np.int64
         refs = template_references(mrc.data, box)
     k = refs.shape[0]
     cluster = ClusterConfig(n_classes=k)
-    subset = np.sort(rng.choice(len(ws), size=min(len(ws), SCALE_FIT_PARTICLES), replace=False))
-    fit_refiner = Refiner(subset_working_set(ws, subset), cluster, torch.device("cpu"))
-    scale = fit_template_scale(fit_refiner, refs, _moment_scale(ws, refs))
     refiner = Refiner(ws, cluster, torch.device("cpu"))
+    fit_refiner = refiner
+    if len(ws) > SCALE_FIT_PARTICLES:
+        subset = np.sort(rng.choice(len(ws), size=SCALE_FIT_PARTICLES, replace=False))
+        fit_refiner = Refiner(subset_working_set(ws, subset), cluster, torch.device("cpu"))
+    scale = fit_template_scale(fit_refiner, refs, _moment_scale(ws, refs))
     loglik, _, _ = refiner.expectation(scale * refs, torch.full((k,), -float(np.log(k))))
     labels = np.argmax(loglik + class_prior_em(loglik), axis=1) + 1
     return labels.astype(np.int64), {"scale": scale, "working_box": float(box)}
@@ -423,6 +426,25 @@ def save_results(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def record(path: Path, row: Row | None = None, command: str | None = None) -> dict:
+    """Add ``row`` and/or ``command`` to the results JSON at ``path`` and return its content.
+
+    The file is re-read under an exclusive lock, so several bench processes sharing one work
+    folder never drop each other's rows.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        if row is not None:
+            merge_row(results, row)
+        if command is not None and command not in results["commands"]:
+            results["commands"].append(command)
+        save_results(results, path)
+    return results
+
+
 def rows_of(results: dict) -> list[Row]:
     """Stored rows in table order: sets as in ``SETS``, then methods as in ``METHOD_ORDER``."""
     rows = [Row(**r) for r in results["rows"]]
@@ -432,7 +454,8 @@ def rows_of(results: dict) -> list[Row]:
                                        method_rank.get(r.method, len(METHOD_ORDER)), r.method))
 
 
-METHOD_ORDER = ("cryo-drvae", "cryo-drvae --no_drvae", "cryo-drvae --balance 0", "RELION 3.1.3", "oracle")
+METHOD_ORDER = ("cryo-drvae", "cryo-drvae --no_drvae", "cryo-drvae --drvae", "cryo-drvae --balance 0",
+                "RELION 3.1.3", "oracle")
 TABLE_COLUMNS = ("set", "method", "accuracy", "NMI", "ARI", "smallest/largest class", "wall s", "CPU s",
                  "peak RSS MB", "commit", "note")
 
@@ -480,7 +503,8 @@ def summary_lines(rows: Sequence[Row]) -> list[str]:
                 parts.append(f"CPU speed-up x{relion.cpu_s / ours.cpu_s:.1f}")
             if relion.note:
                 parts.append("(RELION time extrapolated)")
-        lines.append(" ".join(parts))
+        if len(parts) > 1:
+            lines.append(" ".join(parts))
     return lines
 
 
@@ -509,8 +533,9 @@ def results_markdown(rows: Sequence[Row], machine: str, commands: Sequence[str])
             f"Machine: {machine}", "", "Commands:", ""]
     text += [f"    {c}" for c in commands]
     text += ["", "Sets (box 64 px, 3 Å/px, seed 1): " + "; ".join(
-        f"{s.name} {s.sim.n_classes} classes ({s.sim.n_shapes} shape(s)), {s.sim.n_particles} particles, "
-        f"SNR {s.sim.snr:g}" + (f", imbalance 1:{s.sim.imbalance:g}" if s.sim.imbalance > 1 else "")
+        f"{s.name} " + (f"{s.sim.n_shapes} shapes x " if s.sim.n_shapes > 1 else "")
+        + f"{s.sim.views_per_shape} views / {s.sim.n_particles} particles / SNR {s.sim.snr:g}"
+        + (f" / sizes 1:{s.sim.imbalance:g}" if s.sim.imbalance > 1 else "")
         for s in SETS.values()), "",
         "Accuracy: Hungarian-matched fraction correct. Wall/CPU/peak RSS of the whole process "
         "(CPU = user + system; oracle measured in-process, no RSS). `commit`: cryo-drvae code used.", "",
@@ -536,7 +561,7 @@ def align_to(image: NDArray, target: NDArray, step_deg: float = 4.0) -> NDArray:
     t_hat = np.conj(np.fft.rfft2(t))
     best = (-np.inf, image)
     for angle in np.arange(0.0, 360.0, step_deg):
-        rotated = ndimage.rotate(image, angle, reshape=False, order=1, mode="constant")
+        rotated = ndimage.rotate(image, angle, reshape=False, order=1, mode="nearest")
         r = (rotated - rotated[disc > 0].mean()) * disc
         corr = np.fft.irfft2(np.fft.rfft2(r) * t_hat, s=(box, box))
         shift = np.unravel_index(int(np.argmax(corr)), corr.shape)
@@ -564,13 +589,19 @@ def plot_results(rows: Sequence[Row], templates: dict[str, NDArray], path: Path)
     Averages are put in true-class order (Hungarian matching) and aligned to their template.
     """
     panels: dict[str, NDArray] = {}
+    short = {"RELION 3.1.3": "RELION", "cryo-drvae": "cryo-drvae"}
     for set_name, tpl in templates.items():
-        panels[f"{set_name}: truth"] = tpl
-        for method in ("RELION 3.1.3", "cryo-drvae"):
+        found = {}
+        for method, label in short.items():
             row = next((r for r in rows if r.set == set_name and r.method == method), None)
             images = ordered_averages(row, tpl) if row else None
             if images is not None:
-                panels[f"{set_name}: {method.split()[0]} ({row.accuracy:.2f})"] = images
+                found[f"{set_name}\n{label} {row.accuracy:.2f}"] = images
+        if found:
+            panels[f"{set_name}\ntruth"] = tpl
+            panels.update(found)
+    if not panels:
+        raise ValueError("no class averages to show yet")
     return plot_side_by_side(panels, path, "true templates | RELION | cryo-drvae (matched, aligned)")
 
 
