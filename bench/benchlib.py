@@ -69,7 +69,7 @@ class BenchSet:
         RELION iterations actually run; fewer than ``RELION_TARGET_ITER`` means the time is
         extrapolated to ``RELION_TARGET_ITER`` and the accuracy is the one after ``relion_iter``.
     ablations : bool
-        Also run cryo-drvae with ``--no_drvae``, ``--balance 0`` and ``--drvae``.
+        Also run cryo-drvae with ``--balance 0`` and ``--drvae``.
     """
 
     name: str
@@ -178,9 +178,11 @@ def run_measured(cmd: Sequence[str], cwd: Path, log_path: Path, threads: int) ->
 
 def cryo_drvae_command(sim: SimulatedSet, out_prefix: Path, threads: int,
                        extra: Sequence[str] = ()) -> list[str]:
-    """The ``cryo-drvae classify`` call with default settings, the true K and ``--j``."""
+    """The ``cryo-drvae classify`` call with default settings, the true K, ``--j`` and, as RELION
+    gets it, the particle diameter."""
     return [str(REPO_ROOT / ".venv" / "bin" / "cryo-drvae"), "classify", "--i", str(sim.star_path.resolve()),
-            "--o", str(out_prefix.resolve()), "--K", str(sim.config.n_classes), "--j", str(threads), *extra]
+            "--o", str(out_prefix.resolve()), "--K", str(sim.config.n_classes), "--j", str(threads),
+            "--particle_diameter", f"{sim.config.diameter:g}", *extra]
 
 
 def relion_command(sim: SimulatedSet, out_prefix: Path, threads: int, n_iter: int) -> list[str]:
