@@ -18,18 +18,10 @@ from tqdm.auto import tqdm
 from .alignment import transform_images
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
-from .preprocess import shell_index
+from .preprocess import shell_index, shell_mean
 from .stack import ParticleStack
 
 logger = logging.getLogger(__name__)
-
-
-def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``(K, H, W')`` values per integer Fourier shell -> ``(K, n_shells)``."""
-    flat = values.reshape(values.shape[0], -1)
-    index = shells.reshape(-1)
-    sums = torch.zeros(values.shape[0], n_shells, dtype=flat.dtype).index_add_(1, index, flat)
-    return sums / torch.bincount(index, minlength=n_shells).clamp(min=1)
 
 
 def wiener_filter(numerator: torch.Tensor, ctf2: torch.Tensor, noise_var: float,

@@ -223,7 +223,7 @@ def pseudo_target_training(refiner: Refiner, ws: WorkingSet, assignment: Assignm
     reliable = reliable_mask(assignment.cost, assignment.labels, cfg.cluster.reliable_fraction)
     mask = torch.from_numpy(refiner.mask)
     points = ws.flipped[:, mask].contiguous()
-    centres = refiner._aligned_means(points, assignment.labels, assignment.pose)
+    centres = refiner.aligned_means(points, assignment.labels, assignment.pose)
     psi, shift = refiner.grid.decode(assignment.pose[reliable])
     index = torch.from_numpy(np.nonzero(reliable)[0])
     placed = transform_images(centres[torch.from_numpy(assignment.labels[reliable])],

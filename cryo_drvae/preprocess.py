@@ -83,13 +83,17 @@ def fourier_crop(images: torch.Tensor, working_box: int) -> torch.Tensor:
     return rows[:, :, :half + 1] * (working_box / box)
 
 
-def radial_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``(n, W, W//2+1)`` values per shell -> ``(n, n_shells)``."""
+def shell_sum(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Sum of ``(n, H, W')`` values per integer Fourier shell (shells above the last clamped)."""
     flat = values.reshape(values.shape[0], -1)
     index = shells.reshape(-1).clamp(max=n_shells - 1)
-    sums = torch.zeros(values.shape[0], n_shells, dtype=flat.dtype).index_add_(1, index, flat)
-    counts = torch.bincount(index, minlength=n_shells).clamp(min=1)
-    return sums / counts
+    return torch.zeros(values.shape[0], n_shells, dtype=flat.dtype).index_add_(1, index, flat)
+
+
+def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Mean of ``(n, H, W')`` values per integer Fourier shell -> ``(n, n_shells)``."""
+    counts = torch.bincount(shells.reshape(-1).clamp(max=n_shells - 1), minlength=n_shells).clamp(min=1)
+    return shell_sum(values, shells, n_shells) / counts
 
 
 def estimate_noise_spectrum(stack: ParticleStack, working_box: int, radius: float,
@@ -104,7 +108,7 @@ def estimate_noise_spectrum(stack: ParticleStack, working_box: int, radius: floa
     power = torch.fft.rfft2(small, norm="ortho").abs() ** 2 / background.mean()
     n_shells = working_box // 2 + 1
     shells = torch.from_numpy(shell_index(working_box))
-    spectrum = radial_mean(power, shells, n_shells).mean(0)
+    spectrum = shell_mean(power, shells, n_shells).mean(0)
     return spectrum.clamp(min=float(spectrum.max()) * 1e-3)
 
 
@@ -137,7 +141,7 @@ def prepare_working_set(stack: ParticleStack, ctf_params: CtfParams | None, pixe
         size = (working_box, working_box)
         flipped[index] = torch.fft.irfft2(spectrum * torch.sign(ctf), s=size, norm="ortho")
         weighted[index] = torch.fft.irfft2(spectrum * effective, s=size, norm="ortho")
-        ctf2_shells[index] = radial_mean(effective ** 2, shells, n_shells)
+        ctf2_shells[index] = shell_mean(effective ** 2, shells, n_shells)
         if should_abort():
             raise AbortRequested("abort requested while reading particles")
     background = torch.from_numpy(~circular_mask(working_box, radius))

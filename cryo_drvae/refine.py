@@ -22,7 +22,7 @@ from .alignment import PoseOperator, chunk_size, circular_mask, make_pose_grid, 
 from .clustering import balanced_assignment, size_bounds
 from .config import ClusterConfig
 from .averaging import wiener_filter
-from .preprocess import WorkingSet, rfft_weights, shell_index
+from .preprocess import WorkingSet, rfft_weights, shell_index, shell_sum
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Refiner:
         if init_labels is None:
             centres = self._seed_plusplus(denoised, points, rng)
         else:
-            centres = self._aligned_means(points, init_labels, init_pose)
+            centres = self.aligned_means(points, init_labels, init_pose)
         n, k = len(points), self.cfg.n_classes
         lo, hi = size_bounds(n, k, self.cfg.balance)
         labels = np.full(n, -1)
@@ -107,7 +107,7 @@ class Refiner:
             own_pose = pose[np.arange(n), labels]
             if done:
                 break
-            centres = self._aligned_means(points, labels, own_pose)
+            centres = self.aligned_means(points, labels, own_pose)
         cost = dist[np.arange(n), labels]
         return Assignment(labels, own_pose, cost, np.ones(n))
 
@@ -125,7 +125,8 @@ class Refiner:
             pose[start:start + len(chunk)] = arg.cpu()
         return dist, pose
 
-    def _aligned_means(self, points: torch.Tensor, labels: NDArray, pose: NDArray) -> torch.Tensor:
+    def aligned_means(self, points: torch.Tensor, labels: NDArray, pose: NDArray) -> torch.Tensor:
+        """Mean of each class's masked images ``(n, M)`` brought into its frame -> ``(K, W, W)``."""
         k, p = self.cfg.n_classes, self.grid.n_poses
         sums = torch.zeros(k * p, points.shape[1])
         sums.index_add_(0, torch.from_numpy(labels * p + pose), points)
@@ -179,7 +180,7 @@ class Refiner:
         """Class log-likelihoods ``(n, K)`` (poses marginalised), best pose per class and soft statistics."""
         k, p = refs.shape[0], self.grid.n_poses
         templates = self.op.forward(refs)                                    # (K, P, M)
-        power = _shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
+        power = shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
                            self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
         n = len(self.weighted)
         loglik = np.empty((n, k))
@@ -250,12 +251,6 @@ class Refiner:
         rows = np.arange(n)
         confidence = posterior(state.loglik, state.log_prior)[rows, labels]
         return Assignment(labels, state.best_pose[rows, labels], cost[rows, labels], confidence)
-
-def _shell_sum(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    flat = values.reshape(values.shape[0], -1)
-    return torch.zeros(values.shape[0], n_shells, dtype=flat.dtype).index_add_(1, shells.reshape(-1), flat)
-
-
 
 def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:
     """``(n, W, W)`` images with Fourier shells above ``max_shell`` removed."""
