@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= demo_out
 JOBS ?= 2
 
-.PHONY: install install-relion demo test test-fast bench bench-quick bench-scale clean
+.PHONY: install install-relion demo test test-fast bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,6 @@ bench: $(STAMP) install-relion
 
 bench-quick: $(STAMP) install-relion
 	$(PY) bench/run_bench.py --sets easy --j $(JOBS)
-
-bench-scale: $(STAMP)
-	$(PY) bench/bench_scale.py --j $(JOBS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
