@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 

@@ -7,7 +7,6 @@ real ``cryo_drvae.pipeline.run`` with 2 short rounds.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
