@@ -29,7 +29,6 @@ class DataConfig:
     data_dir: str | None = None        # folder image paths are relative to (default: working dir)
     particle_diameter: float = 0.0     # Å; 0 = 0.6 x box (extraction boxes are ~1.5-2x the particle)
     working_box: int = 0               # px after Fourier cropping; 0 = automatic
-    preread_images: bool = False       # keep the prepared stack in RAM (else a memmap file)
     use_ctf: bool = True
 
     def __post_init__(self) -> None:

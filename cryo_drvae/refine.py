@@ -88,14 +88,10 @@ class Refiner:
                     len(self.grid.psi_deg), len(self.grid.shifts), self.op.n_masked)
 
     # ---- BSK-means++ on denoised images ------------------------------------------------
-    def cluster_denoised(self, denoised: torch.Tensor, rng: np.random.Generator, n_iter: int = 8,
-                         init_labels: NDArray | None = None, init_pose: NDArray | None = None) -> Assignment:
+    def cluster_denoised(self, denoised: torch.Tensor, rng: np.random.Generator, n_iter: int = 8) -> Assignment:
         """BSK-means++ of ``(n, W, W)`` denoised images under alignment."""
         points = denoised[:, torch.from_numpy(self.mask)].contiguous()
-        if init_labels is None:
-            centres = self._seed_plusplus(denoised, points, rng)
-        else:
-            centres = self.aligned_means(points, init_labels, init_pose)
+        centres = self._seed_plusplus(denoised, points, rng)
         n, k = len(points), self.cfg.n_classes
         lo, hi = size_bounds(n, k, self.cfg.balance)
         labels = np.full(n, -1)
@@ -152,14 +148,16 @@ class Refiner:
         return images[seeds].clone()
 
     # ---- CTF-aware likelihood on raw particles -----------------------------------------
-    def statistics_from_labels(self, labels: NDArray, pose: NDArray,
-                               n_classes: int | None = None) -> Statistics:
-        """Hard-assignment statistics (one pose per particle)."""
+    def statistics_from_labels(self, labels: NDArray, pose: NDArray, n_classes: int | None = None,
+                               members: NDArray | None = None) -> Statistics:
+        """Hard-assignment statistics (one pose per particle), of all particles or of ``members``."""
         k, p = n_classes or self.cfg.n_classes, self.grid.n_poses
-        sums = torch.zeros(k * p, self.weighted.shape[1])
-        sums.index_add_(0, torch.from_numpy(labels * p + pose), self.weighted)
-        ctf2 = torch.zeros(k, self.ws.ctf2_shells.shape[1]).index_add_(0, torch.from_numpy(labels),
-                                                                        self.ws.ctf2_shells)
+        weighted, ctf2_shells = self.weighted, self.ws.ctf2_shells
+        if members is not None:
+            weighted, ctf2_shells = weighted[members], ctf2_shells[members]
+        sums = torch.zeros(k * p, weighted.shape[1])
+        sums.index_add_(0, torch.from_numpy(labels * p + pose), weighted)
+        ctf2 = torch.zeros(k, ctf2_shells.shape[1]).index_add_(0, torch.from_numpy(labels), ctf2_shells)
         weights = torch.bincount(torch.from_numpy(labels), minlength=k).float()
         return Statistics(sums.reshape(k, p, -1), ctf2, weights)
 

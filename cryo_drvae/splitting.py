@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from .alignment import circular_mask, transform_images
 from .errors import AbortRequested
-from .refine import EMState, Refiner, Statistics, lowpass, posterior
+from .refine import EMState, Refiner, lowpass, posterior
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +93,9 @@ def split_once(ref: Refiner, state: EMState, max_shell: float, split_shell: floa
     if best_x is None:
         return state
     side = two_means(best_x, best_vt)
-    sub = np.where(side, 1, 0)
-    # statistics of the two halves with their poses in the split class
-    p = ref.grid.n_poses
     pose = state.best_pose[best_members, best_j]
-    sums = torch.zeros(2 * p, ref.weighted.shape[1])
-    sums.index_add_(0, torch.from_numpy(sub * p + pose), ref.weighted[best_members])
-    ctf2 = torch.zeros(2, ref.ws.ctf2_shells.shape[1]).index_add_(0, torch.from_numpy(sub),
-                                                                   ref.ws.ctf2_shells[best_members])
-    weights = torch.bincount(torch.from_numpy(sub), minlength=2).float()
-    halves = ref.references(Statistics(sums.reshape(2, p, -1), ctf2, weights))
+    halves = ref.references(ref.statistics_from_labels(side.astype(np.int64), pose, n_classes=2,
+                                                       members=best_members))
     halves = lowpass(halves, max_shell) * ref.solvent_mask
     refs = torch.cat([state.refs, halves[1:]], 0)
     refs[best_j] = halves[0]
