@@ -37,7 +37,7 @@ from cryo_drvae.config import ClusterConfig
 from cryo_drvae.ctf import params_from_particles
 from cryo_drvae.evaluate import normalise_image_name, score_labels
 from cryo_drvae.plots import plot_side_by_side
-from cryo_drvae.preprocess import (WorkingSet, choose_working_box, fourier_crop, prepare_working_set,
+from cryo_drvae.preprocess import (WorkingSet, choose_working_box, fourier_crop, plan_preparation, prepare_working_set,
                                    rfft_weights, shell_index)
 from cryo_drvae.refine import Refiner
 from cryo_drvae.simulate import SimulatedSet, SimulationConfig, simulate_dataset
@@ -229,13 +229,6 @@ def template_references(templates: NDArray, working_box: int) -> torch.Tensor:
     return torch.fft.irfft2(spectrum, s=(working_box, working_box), norm="ortho")
 
 
-def subset_working_set(ws: WorkingSet, index: NDArray) -> WorkingSet:
-    """The same working set restricted to the particles ``index``."""
-    rows = torch.from_numpy(np.asarray(index))
-    return dataclasses.replace(ws, flipped=ws.flipped[rows], ctf_weighted=ws.ctf_weighted[rows],
-                               ctf2_shells=ws.ctf2_shells[rows])
-
-
 def total_log_likelihood(refiner: Refiner, refs: torch.Tensor) -> float:
     """log p(data | refs) with a uniform class prior, poses marginalised."""
     k = refs.shape[0]
@@ -305,7 +298,7 @@ def oracle_labels(sim: SimulatedSet, threads: int = 1) -> tuple[NDArray[np.int64
     ctf = params_from_particles(table.per_particle(), str(table.path))
     pixel_size = float(pixel_sizes(table)[0])
     box = choose_working_box(stack.box_size, pixel_size)
-    ws = prepare_working_set(stack, ctf, pixel_size, sim.config.diameter, box, rng)
+    ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel_size, sim.config.diameter, box, SEED))
     stack.close()
     with mrcfile.open(sim.templates_path, permissive=True) as mrc:
         refs = template_references(mrc.data, box)
@@ -315,7 +308,7 @@ def oracle_labels(sim: SimulatedSet, threads: int = 1) -> tuple[NDArray[np.int64
     fit_refiner = refiner
     if len(ws) > SCALE_FIT_PARTICLES:
         subset = np.sort(rng.choice(len(ws), size=SCALE_FIT_PARTICLES, replace=False))
-        fit_refiner = Refiner(subset_working_set(ws, subset), cluster, torch.device("cpu"))
+        fit_refiner = Refiner(ws.subset(subset), cluster, torch.device("cpu"))
     scale = fit_template_scale(fit_refiner, refs, _moment_scale(ws, refs))
     loglik, _, _ = refiner.expectation(scale * refs, torch.full((k,), -float(np.log(k))))
     labels = np.argmax(loglik + class_prior_em(loglik), axis=1) + 1
@@ -325,7 +318,7 @@ def oracle_labels(sim: SimulatedSet, threads: int = 1) -> tuple[NDArray[np.int64
 def _moment_scale(ws: WorkingSet, refs: torch.Tensor) -> float:
     """Starting amplitude: excess image energy over the noise / mean CTF-weighted template energy."""
     box = ws.box_size
-    signal = float((ws.flipped ** 2).sum(dim=(1, 2)).mean()) - ws.noise_var * box * box
+    signal = float((ws.flipped.read(0, len(ws)) ** 2).sum(dim=(1, 2)).mean()) - ws.noise_var * box * box
     spectrum = torch.fft.rfft2(refs, norm="ortho").abs() ** 2
     shells = ws.ctf2_shells.shape[1]
     index = torch.from_numpy(shell_index(box)).clamp(max=shells - 1).reshape(-1)

@@ -62,17 +62,21 @@ def resolution_from_ssnr(ssnr: torch.Tensor, box_size: int, pixel_size: float) -
 
 def class_averages(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float,
                    labels: NDArray, psi_deg: NDArray, shift_px: NDArray, n_classes: int,
-                   noise_var: float, batch_size: int = 1024,
+                   noise_var: float, batch_size: int = 1024, particles: NDArray | None = None,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
                    should_abort: Callable[[], bool] = lambda: False) -> tuple[NDArray, NDArray]:
     """Full-size CTF-corrected averages ``(K, B, B)`` and resolutions ``(K,)`` in one streaming pass.
 
-    ``psi_deg``/``shift_px`` are each particle's pose in our convention, shifts in original pixels.
+    ``labels``/``psi_deg``/``shift_px`` are per particle of the table (our pose convention, shifts
+    in original pixels). Only ``particles`` (default: all) are read here; ``reduce`` sums the
+    partial sums over ranks.
     """
     box = stack.box_size
     numerator = torch.zeros(n_classes, box, box)
     ctf2_sum = torch.zeros(n_classes, box, box)
-    for index, images in tqdm(stack.iter_batches(batch_size), desc="class averages",
-                              total=-(-stack.n_particles // batch_size), disable=None, leave=False):
+    chosen = np.arange(stack.n_particles) if particles is None else particles
+    for index, images in tqdm(stack.iter_batches(batch_size, chosen), desc="class averages",
+                              total=-(-len(chosen) // batch_size), disable=None, leave=False):
         spectrum = torch.fft.rfft2(torch.from_numpy(images), norm="ortho")
         if ctf_params is None:
             ctf = torch.ones(len(index), box, box)
@@ -90,6 +94,7 @@ def class_averages(stack: ParticleStack, ctf_params: CtfParams | None, pixel_siz
         ctf2_sum.index_add_(0, group, rotated)
         if should_abort():
             raise AbortRequested("abort requested while averaging classes")
+    numerator, ctf2_sum = reduce(numerator), reduce(ctf2_sum)
     ctf2_half = torch.fft.ifftshift(ctf2_sum, dim=(-2, -1))[..., : box // 2 + 1]
     shells = torch.from_numpy(shell_index(box)).clamp(max=box // 2)
     spectra, ssnr = wiener_filter(torch.fft.rfft2(numerator, norm="ortho"), ctf2_half, noise_var, shells)

@@ -30,6 +30,8 @@ class DataConfig:
     particle_diameter: float = 0.0     # Å; 0 = 0.6 x box (extraction boxes are ~1.5-2x the particle)
     working_box: int = 0               # px after Fourier cropping; 0 = automatic
     use_ctf: bool = True
+    preread_images: bool = False       # keep the working images in RAM instead of streaming them
+    scratch_dir: str | None = None     # where streamed working images go (default: next to the outputs)
 
     def __post_init__(self) -> None:
         _require(self.particle_diameter >= 0, f"data.particle_diameter must be >= 0 Å, got {self.particle_diameter}")
@@ -72,6 +74,11 @@ class ClusterConfig:
     tolerance: float = 0.01            # stop when fewer than this fraction of labels change
     psi_step: float = 10.0             # degrees
     max_shift_px: float = 0.0          # px at the original box; 0 = 10% of the box
+    init_particles: int = 0            # particles the classes are grown on; 0 = max(5000, 100 K)
+
+    def initial_subset_size(self, n_particles: int) -> int:
+        wanted = self.init_particles or max(5000, 100 * self.n_classes)
+        return min(n_particles, wanted)
 
     def __post_init__(self) -> None:
         _require(self.n_classes >= 1, f"cluster.n_classes (--K) must be >= 1, got {self.n_classes}")
@@ -81,6 +88,7 @@ class ClusterConfig:
         _require(self.n_rounds >= 1, f"cluster.n_rounds (--iter) must be >= 1, got {self.n_rounds}")
         _require(0.0 < self.psi_step <= 90.0, f"cluster.psi_step must be in (0, 90] degrees, got {self.psi_step}")
         _require(self.max_shift_px >= 0, f"cluster.max_shift_px must be >= 0, got {self.max_shift_px}")
+        _require(self.init_particles >= 0, f"cluster.init_particles must be >= 0, got {self.init_particles}")
 
 
 @dataclass(frozen=True)

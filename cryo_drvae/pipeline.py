@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from . import __version__, plots
 from .alignment import to_relion_pose, transform_images
@@ -25,15 +27,16 @@ from .averaging import class_averages
 from .clustering import reliable_mask
 from .config import RunConfig
 from .ctf import params_from_particles
+from .distributed import Comm, init_comm, shutdown
 from .errors import AbortRequested, ConfigError, InputFileError
 from .io_utils import atomic_path
 from .outputs import ClassificationResult, check_outputs_writable, write_run_outputs
-from .preprocess import WorkingSet, choose_working_box, prepare_working_set
+from .preprocess import Preparation, WorkingSet, choose_working_box, plan_preparation, prepare_working_set
 from .refine import Assignment, Refiner, posterior
 from .splitting import grow_classes
 from .stack import ParticleStack
 from .star_io import ParticleTable, pixel_sizes, read_particles
-from .train import Denoiser
+from .train import Denoiser, TrainingPairs
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,18 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
+def resolve_device(name: str, comm: Comm = Comm()) -> torch.device:
+    """``cpu`` or ``cuda:<ids>``; with several ranks on a node, rank r takes the r-th listed GPU."""
+    if not name.startswith("cuda"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise ConfigError(f"--gpu was given but CUDA is not available (torch {torch.__version__}); "
                           f"run without --gpu on this machine")
-    return torch.device(name)
+    ids = [int(i) for i in name.partition(":")[2].split(",") if i.strip()] or [0]
+    device = torch.device(f"cuda:{ids[comm.local_rank % len(ids)]}")
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 scores: same labels, several times faster
+    return device
 
 
 class StageTimer:
@@ -97,42 +107,100 @@ class _Stage:
 
 
 def run(cfg: RunConfig, should_abort: Callable[[], bool] | None = None) -> RunResult:
-    """Classify the particles of ``cfg.data.particles_star`` and write all outputs."""
-    abort = should_abort or (lambda: False)
+    """Classify the particles of ``cfg.data.particles_star`` and write all outputs.
+
+    Under ``torchrun`` every rank calls this; they share the work and rank 0 writes.
+    """
+    comm = init_comm(cfg.device.startswith("cuda"))
+    try:
+        return classify(cfg, comm, should_abort or (lambda: False))
+    finally:
+        shutdown(comm)
+
+
+def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult:
     timer = StageTimer()
-    check_outputs_writable(cfg.output_prefix)
+    if comm.is_main:
+        check_outputs_writable(cfg.output_prefix)
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)   # tiny posteriors as denormals slow CPU matmuls many-fold
-    device = resolve_device(cfg.device)
-    rng = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device, comm)
+    seed_everything(cfg.seed)
     logger.info("cryo-drvae %s: %s", __version__, " ".join(sys.argv))
-    with timer("read"):
-        table = read_particles(cfg.data.particles_star)
-        check_class_count(table, cfg)
-        stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
-        ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
-        pixel_size = single_pixel_size(table)
-        diameter = cfg.data.particle_diameter or 0.6 * stack.box_size * pixel_size
-        box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box)
-        ws = prepare_working_set(stack, ctf, pixel_size, diameter, box, rng, should_abort=abort)
-    refiner = Refiner(ws, cfg.cluster, device)
-    state = load_checkpoint(cfg) if cfg.continue_run else None
-    if state is None:
-        with timer("train"):
-            denoiser = initial_denoiser(ws, cfg, device, abort)
-        with timer("cluster"):
-            state = initial_classes(refiner, ws, denoiser, cfg, device, rng, abort)
-        save_checkpoint(cfg, state)
-    else:
-        denoiser = restore_denoiser(state, ws, cfg, device)
-    state = refinement_rounds(refiner, ws, state, denoiser, cfg, timer, abort)
-    with timer("average"):
-        result = final_result(stack, ctf, pixel_size, ws, refiner, state, abort)
-    with timer("write"):
-        paths = write_everything(cfg, table, result)
+    if comm.active:
+        logger.info("rank %d of %d on %s", comm.rank, comm.world_size, device)
+    scratch = scratch_folder(cfg, comm)
+    try:
+        with timer("read"):
+            table = read_particles(cfg.data.particles_star)
+            check_class_count(table, cfg)
+            stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
+            ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
+            pixel_size = single_pixel_size(table)
+            diameter = cfg.data.particle_diameter or 0.6 * stack.box_size * pixel_size
+            box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box)
+            plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
+            mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
+            ws = prepare_working_set(stack, plan, mine, scratch, loader_workers(cfg, len(mine)),
+                                     should_abort=abort)
+        refiner = Refiner(ws, cfg.cluster, device, comm, n_total=stack.n_particles)
+        state = load_checkpoint(cfg) if cfg.continue_run else None
+        denoiser = make_denoiser(ws, cfg, device, comm, state)
+        if state is None:
+            init_ws = initial_working_set(stack, plan, ws, cfg, comm, abort)
+            with timer("train"):
+                initial_training(denoiser, ws, cfg, abort)
+            with timer("cluster"):
+                state = initial_classes(init_ws, denoiser, cfg, device, comm, abort)
+            save_checkpoint(cfg, state, comm)
+        state = refinement_rounds(refiner, ws, state, denoiser, cfg, timer, abort)
+        with timer("average"):
+            result = final_result(stack, ctf, pixel_size, ws, refiner, state, abort)
+    finally:
+        remove_scratch(scratch)
+    paths: dict[str, Path] = {}
+    if comm.is_main:
+        with timer("write"):
+            paths = write_everything(cfg, table, result)
     stack.close()
     logger.info("stage times (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in timer.times.items()))
     return RunResult(paths, result, timer.times)
+
+
+def scratch_folder(cfg: RunConfig, comm: Comm) -> Path | None:
+    """Where this rank streams its working images (None: kept in RAM, ``--preread_images``)."""
+    if cfg.data.preread_images:
+        return None
+    base = Path(cfg.data.scratch_dir) if cfg.data.scratch_dir else Path(f"{cfg.output_prefix}_scratch")
+    return base / f"rank{comm.rank}"
+
+
+def remove_scratch(folder: Path | None) -> None:
+    """Delete this rank's scratch files (and the scratch folder once no rank uses it)."""
+    if folder is None:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()
+    except OSError:
+        pass    # other ranks' folders are still there, or it was never created
+
+
+def loader_workers(cfg: RunConfig, n_particles: int) -> int:
+    """DataLoader processes reading and preparing particles: ``--j`` for large sets, none for small."""
+    return min(cfg.threads, 8) if n_particles >= 20_000 else 0
+
+
+def initial_working_set(stack: ParticleStack, plan: Preparation, ws: WorkingSet, cfg: RunConfig,
+                        comm: Comm, abort: Callable[[], bool]) -> WorkingSet:
+    """The seeded random subset the first classes are found on, in RAM (the same on every rank)."""
+    n = stack.n_particles
+    size = cfg.cluster.initial_subset_size(n)
+    if size == n and len(ws) == n:
+        return ws if ws.flipped.tensor is not None else ws.subset(np.arange(n))
+    chosen = np.sort(np.random.default_rng(cfg.seed + 1).choice(n, size=size, replace=False))
+    logger.info("finding the first classes on %d of %d particles", size, n)
+    return prepare_working_set(stack, plan, chosen, None, loader_workers(cfg, size), should_abort=abort)
 
 
 def check_class_count(table: ParticleTable, cfg: RunConfig) -> None:
@@ -150,40 +218,55 @@ def single_pixel_size(table: ParticleTable) -> float:
     return float(sizes[0])
 
 
-def initial_denoiser(ws: WorkingSet, cfg: RunConfig, device: torch.device,
-                     abort: Callable[[], bool]) -> Denoiser | None:
-    """Step 1: train the DRVAE unsupervised on the phase-flipped particles."""
+def make_denoiser(ws: WorkingSet, cfg: RunConfig, device: torch.device, comm: Comm,
+                  state: RoundState | None) -> Denoiser | None:
+    """The DRVAE (``--drvae``), restored from the checkpoint when continuing."""
     if not cfg.train.use_drvae:
         return None
-    denoiser = Denoiser(ws.box_size, cfg.train, device, cfg.seed)
-    loss = denoiser.train(ws.flipped, ws.flipped, cfg.train.epochs_initial, abort)
-    logger.info("DRVAE trained %d epochs, loss %.4f", cfg.train.epochs_initial, loss)
+    denoiser = Denoiser(ws.box_size, cfg.train, device, cfg.seed, comm, loader_workers(cfg, len(ws)))
+    if state is not None and state.denoiser is not None:
+        denoiser.load_state_dict(state.denoiser)
     return denoiser
 
 
-def initial_classes(refiner: Refiner, ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConfig,
-                    device: torch.device, rng: np.random.Generator, abort: Callable[[], bool]) -> RoundState:
-    """Step 2: first classes and references.
+def initial_training(denoiser: Denoiser | None, ws: WorkingSet, cfg: RunConfig,
+                     abort: Callable[[], bool]) -> None:
+    """Step 1: train the DRVAE unsupervised on the phase-flipped particles."""
+    if denoiser is None:
+        return
+    loss = denoiser.train(TrainingPairs(ws.flipped), cfg.train.epochs_initial, abort)
+    logger.info("DRVAE trained %d epochs, loss %.4f", cfg.train.epochs_initial, loss)
+
+
+def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConfig, device: torch.device,
+                    comm: Comm, abort: Callable[[], bool]) -> RoundState:
+    """Step 2: first class references, found on a subset of the particles.
 
     With the DRVAE: BSK-means++ of the denoised particles under alignment (the paper's step 2).
     Without: classes grown from one by splitting, with coarse-to-fine EM (robust at low SNR).
+    Every rank computes the same; rank 0's result is broadcast so they agree bit for bit.
     """
     k = cfg.cluster.n_classes
     if denoiser is not None:
-        assignment = refiner.cluster_denoised(denoiser.denoise(ws.flipped), rng)
-        stats = refiner.statistics_from_labels(assignment.labels, assignment.pose)
-        references, log_prior = refiner.references(stats), np.full(k, -np.log(k))
-        labels = assignment.labels
+        refiner = Refiner(init_ws, cfg.cluster, device)
+        assignment = refiner.cluster_denoised(denoiser.denoise(init_ws.flipped),
+                                              np.random.default_rng(cfg.seed))
+        references = refiner.references(refiner.statistics_from_labels(assignment.labels, assignment.pose))
+        log_prior, labels = np.full(k, -np.log(k)), assignment.labels
     else:
-        coarse = Refiner(ws, dataclasses.replace(cfg.cluster, psi_step=max(20.0, cfg.cluster.psi_step)), device)
+        coarse = Refiner(init_ws, dataclasses.replace(cfg.cluster, psi_step=max(20.0, cfg.cluster.psi_step)),
+                         device)
         grown = grow_classes(coarse, k, should_abort=abort)
         references, log_prior = grown.refs, grown.log_prior
         labels = posterior(grown.loglik, grown.log_prior).argmax(1)
+    references = comm.broadcast(references.contiguous())
+    log_prior = comm.broadcast(torch.from_numpy(np.asarray(log_prior, np.float64))).numpy()
     sizes = np.bincount(labels, minlength=k)
-    logger.info("initial classes: sizes %d-%d", sizes.min(), sizes.max())
+    logger.info("initial classes: sizes %d-%d of %d particles", sizes.min(), sizes.max(), len(labels))
     history = [{"round": 0, "changed_fraction": 1.0, "class_size_min": int(sizes.min()),
                 "class_size_max": int(sizes.max())}]
-    start = Assignment(labels, np.zeros_like(labels), np.zeros(len(labels)), np.ones(len(labels)))
+    unknown = np.full(0, -1, dtype=np.int64)
+    start = Assignment(unknown, unknown, np.zeros(0), np.zeros(0))
     return RoundState(0, start, references, log_prior, history,
                       denoiser.state_dict() if denoiser else None)
 
@@ -195,7 +278,7 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
         started = time.perf_counter()
         with timer("align"):
             assignment, step = refiner.bsk_step(state.references, state.log_prior)
-        changed = float(np.mean(assignment.labels != state.assignment.labels))
+        changed = changed_fraction(state.assignment.labels, assignment.labels)
         entry = {"round": state.round + 1, "changed_fraction": changed,
                  "mean_cost": float(np.mean(assignment.cost))}
         if denoiser is not None:
@@ -205,10 +288,12 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
         entry.update(class_size_min=int(sizes.min()), class_size_max=int(sizes.max()))
         state = RoundState(state.round + 1, assignment, step.refs, step.log_prior, state.history + [entry],
                            denoiser.state_dict() if denoiser else None)
-        save_checkpoint(cfg, state)
-        logger.info("round %d/%d: %.1f%% of labels changed, class sizes %d-%d, %.1f s (%.0f particles/s)",
-                    state.round, cfg.cluster.n_rounds, 100 * changed, sizes.min(), sizes.max(),
-                    time.perf_counter() - started, len(ws) / (time.perf_counter() - started))
+        save_checkpoint(cfg, state, comm=refiner.comm)
+        took = time.perf_counter() - started
+        logger.info("round %d/%d: %.1f%% of labels changed, class sizes %d-%d, %.1f s "
+                    "(%.0f particles/s; at most %.0f s left)", state.round, cfg.cluster.n_rounds,
+                    100 * changed, sizes.min(), sizes.max(), took, refiner.n_total / took,
+                    took * (cfg.cluster.n_rounds - state.round))
         if abort():
             raise AbortRequested("abort requested after a round")
         if changed < cfg.cluster.tolerance:
@@ -217,21 +302,45 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
     return state
 
 
+def changed_fraction(before: NDArray, after: NDArray) -> float:
+    """Share of particles whose label changed (all of them when there were no labels before)."""
+    return 1.0 if len(before) != len(after) else float(np.mean(before != after))
+
+
 def pseudo_target_training(refiner: Refiner, ws: WorkingSet, assignment: Assignment,
                            denoiser: Denoiser, cfg: RunConfig, abort: Callable[[], bool]) -> float:
     """Step 3: reliable particles learn towards their class average placed at their pose."""
     reliable = reliable_mask(assignment.cost, assignment.labels, cfg.cluster.reliable_fraction)
-    mask = torch.from_numpy(refiner.mask)
-    points = ws.flipped[:, mask].contiguous()
-    centres = refiner.aligned_means(points, assignment.labels, assignment.pose)
-    psi, shift = refiner.grid.decode(assignment.pose[reliable])
-    index = torch.from_numpy(np.nonzero(reliable)[0])
-    placed = transform_images(centres[torch.from_numpy(assignment.labels[reliable])],
-                              torch.from_numpy(psi).float(), torch.from_numpy(shift).float())
-    weight = cfg.train.pseudo_target_weight
-    targets = ws.flipped.clone()
-    targets[index] = (1 - weight) * ws.flipped[index] + weight * placed
-    return denoiser.train(ws.flipped, targets, cfg.train.epochs_per_round, abort)
+    mine = refiner.comm.shard(refiner.n_total)
+    centres = refiner.references(refiner.statistics_from_labels(assignment.labels[mine], assignment.pose[mine]))
+    psi, shift = refiner.grid.decode(assignment.pose[mine])
+    target = PseudoTargets(centres, assignment.labels[mine], reliable[mine], psi, shift,
+                           cfg.train.pseudo_target_weight)
+    return denoiser.train(TrainingPairs(ws.flipped, target), cfg.train.epochs_per_round, abort)
+
+
+@dataclass
+class PseudoTargets:
+    """Targets of step 3: for reliable particles, a blend with their class centre placed at their pose."""
+
+    centres: torch.Tensor      # (K, W, W)
+    labels: NDArray
+    reliable: NDArray
+    psi: NDArray
+    shift: NDArray
+    weight: float
+
+    def __call__(self, rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        pick = self.reliable[rows.numpy()]
+        if not pick.any():
+            return images
+        index = rows.numpy()[pick]
+        placed = transform_images(self.centres[torch.from_numpy(self.labels[index])],
+                                  torch.from_numpy(self.psi[index]).float(),
+                                  torch.from_numpy(self.shift[index]).float())
+        targets = images.clone()
+        targets[torch.from_numpy(pick)] = (1 - self.weight) * images[torch.from_numpy(pick)] + self.weight * placed
+        return targets
 
 
 def final_result(stack: ParticleStack, ctf, pixel_size: float, ws: WorkingSet, refiner: Refiner,
@@ -242,7 +351,8 @@ def final_result(stack: ParticleStack, ctf, pixel_size: float, ws: WorkingSet, r
     shift = shift_working * ws.scale
     noise_var = ws.noise_var * ws.scale ** 2
     averages, resolution = class_averages(stack, ctf, pixel_size, assignment.labels, psi, shift,
-                                          refiner.cfg.n_classes, noise_var, should_abort=abort)
+                                          refiner.cfg.n_classes, noise_var, particles=ws.particles,
+                                          reduce=refiner.comm.sum, should_abort=abort)
     relion_psi, relion_origin = to_relion_pose(psi, shift)
     return ClassificationResult(labels=assignment.labels, psi_deg=relion_psi, origin_px=relion_origin,
                                 confidence=np.clip(assignment.confidence, 0.0, 1.0),
@@ -269,7 +379,9 @@ def checkpoint_path(cfg: RunConfig) -> Path:
     return Path(f"{cfg.output_prefix}_checkpoint.pt")
 
 
-def save_checkpoint(cfg: RunConfig, state: RoundState) -> None:
+def save_checkpoint(cfg: RunConfig, state: RoundState, comm: Comm = Comm()) -> None:
+    if not comm.is_main:
+        return
     with atomic_path(checkpoint_path(cfg)) as tmp:
         torch.save({"state": state, "config": cfg.to_yaml()}, tmp)
 
@@ -285,12 +397,3 @@ def load_checkpoint(cfg: RunConfig) -> RoundState | None:
                           f"rerun without --continue or with the same --K")
     logger.info("--continue: resuming after round %d from %s", saved["state"].round, path)
     return saved["state"]
-
-
-def restore_denoiser(state: RoundState, ws: WorkingSet, cfg: RunConfig,
-                     device: torch.device) -> Denoiser | None:
-    if state.denoiser is None:
-        return None
-    denoiser = Denoiser(ws.box_size, cfg.train, device, cfg.seed)
-    denoiser.load_state_dict(state.denoiser)
-    return denoiser

@@ -9,9 +9,11 @@ the same variance per pixel and per Fourier component.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,6 +25,7 @@ from .alignment import circular_mask
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
 from .stack import ParticleStack
+from .store import RowStore
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +35,42 @@ NOISE_SAMPLE = 2000       # particles used to estimate the noise spectrum
 
 @dataclass
 class WorkingSet:
-    """Prepared particles at the working box ``W`` (tensors on the CPU)."""
+    """Prepared particles at the working box ``W``: rows in RAM or streamed from scratch files."""
 
-    flipped: torch.Tensor        # (n, W, W) whitened, CTF phase-flipped
-    ctf_weighted: torch.Tensor   # (n, W, W) whitened, multiplied by the effective CTF
-    ctf2_shells: torch.Tensor    # (n, S) mean squared effective CTF per Fourier shell
+    flipped: RowStore            # (n, W, W) whitened, CTF phase-flipped
+    weighted: RowStore           # (n, M) whitened, multiplied by the effective CTF, inside the disc mask
+    ctf2_shells: torch.Tensor    # (n, S) mean squared effective CTF per Fourier shell (small: in RAM)
     box_size: int                # W
     pixel_size: float            # Å/px at W
     scale: float                 # original box / W
     noise_var: float             # per-pixel noise variance after whitening
     particle_radius: float       # px at W
+    particles: NDArray[np.int64]  # (n,) rows of the particle table these are
 
     def __len__(self) -> int:
-        return self.flipped.shape[0]
+        return len(self.particles)
+
+    @property
+    def mask(self) -> NDArray[np.bool_]:
+        """The disc ``weighted`` is restricted to (the CTF delocalises signal beyond the particle)."""
+        return alignment_mask(self.box_size)
+
+    def subset(self, rows: NDArray) -> WorkingSet:
+        """The given rows of this set, in RAM."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return dataclasses.replace(self, flipped=RowStore.wrap(self.flipped.take(rows)),
+                                   weighted=RowStore.wrap(self.weighted.take(rows)),
+                                   ctf2_shells=self.ctf2_shells[torch.from_numpy(rows)],
+                                   particles=self.particles[rows])
+
+    def close(self) -> None:
+        """Delete scratch files (if streamed)."""
+        self.flipped.remove()
+        self.weighted.remove()
+
+
+def alignment_mask(box_size: int) -> NDArray[np.bool_]:
+    return circular_mask(box_size, box_size / 2 - 1)
 
 
 def choose_working_box(box_size: int, pixel_size: float, requested: int = 0) -> int:
@@ -96,56 +122,105 @@ def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> tor
     return shell_sum(values, shells, n_shells) / counts
 
 
-def estimate_noise_spectrum(stack: ParticleStack, working_box: int, radius: float,
-                            rng: np.random.Generator) -> torch.Tensor:
-    """Radial noise power ``(S,)`` from the background (outside the particle) of a sample."""
-    n = stack.n_particles
-    sample = np.sort(rng.choice(n, size=min(n, NOISE_SAMPLE), replace=False))
-    images = torch.from_numpy(stack.read(sample))
-    small = torch.fft.irfft2(fourier_crop(images, working_box), s=(working_box,) * 2, norm="ortho")
-    background = torch.from_numpy(~circular_mask(working_box, radius)).float()
-    small = (small - small.mean(dim=(1, 2), keepdim=True)) * background
-    power = torch.fft.rfft2(small, norm="ortho").abs() ** 2 / background.mean()
-    n_shells = working_box // 2 + 1
-    shells = torch.from_numpy(shell_index(working_box))
-    spectrum = shell_mean(power, shells, n_shells).mean(0)
-    return spectrum.clamp(min=float(spectrum.max()) * 1e-3)
+@dataclass(frozen=True)
+class Preparation:
+    """Everything needed to turn raw particles into working rows (the same on every rank)."""
+
+    working_box: int
+    work_pixel: float
+    radius: float                 # particle radius, px at W
+    whitening: torch.Tensor       # (W, W//2+1) 1 / sqrt(relative noise power)
+    noise_var: float              # per-pixel noise variance after whitening
+    ctf_params: CtfParams | None
+
+    def rows(self, images: NDArray[np.float32], index: NDArray[np.int64]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw ``(b, B, B)`` images -> (flipped ``(b, W, W)``, masked weighted ``(b, M)``, ctf2 ``(b, S)``)."""
+        box = self.working_box
+        n_shells = box // 2 + 1
+        shells = torch.from_numpy(shell_index(box))
+        spectrum = fourier_crop(torch.from_numpy(images), box) * self.whitening
+        if self.ctf_params is None:
+            ctf = torch.ones(len(index), *self.whitening.shape)
+        else:
+            ctf = torch.from_numpy(ctf_images(self.ctf_params.subset(index), box, self.work_pixel))
+        effective = ctf * self.whitening
+        size = (box, box)
+        flipped = torch.fft.irfft2(spectrum * torch.sign(ctf), s=size, norm="ortho")
+        weighted = torch.fft.irfft2(spectrum * effective, s=size, norm="ortho")
+        mask = torch.from_numpy(alignment_mask(box))
+        return flipped, weighted[:, mask].contiguous(), shell_mean(effective ** 2, shells, n_shells)
 
 
-def prepare_working_set(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float,
-                        particle_diameter: float, working_box: int, rng: np.random.Generator,
-                        batch_size: int = 2048,
-                        should_abort: Callable[[], bool] = lambda: False) -> WorkingSet:
-    """Read every particle once and build the :class:`WorkingSet` (``ctf_params`` None = no CTF)."""
-    box = stack.box_size
-    scale = box / working_box
+def plan_preparation(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float,
+                     particle_diameter: float, working_box: int, seed: int) -> Preparation:
+    """Whitening filter and noise variance from the background of a seeded sample of particles."""
+    scale = stack.box_size / working_box
     work_pixel = pixel_size * scale
     radius = min(working_box / 2 - 1, particle_diameter / 2 / work_pixel + 1)
-    n_shells = working_box // 2 + 1
-    shells_np = shell_index(working_box)
-    shells = torch.from_numpy(shells_np)
-    noise = estimate_noise_spectrum(stack, working_box, radius, rng)
-    whitening = (1.0 / torch.sqrt(noise / noise.mean()))[shells.clamp(max=n_shells - 1)]
     n = stack.n_particles
-    flipped = torch.empty(n, working_box, working_box)
-    weighted = torch.empty(n, working_box, working_box)
-    ctf2_shells = torch.empty(n, n_shells)
-    for index, images in tqdm(stack.iter_batches(batch_size), desc="reading particles",
-                              total=math.ceil(n / batch_size), disable=None, leave=False):
-        spectrum = fourier_crop(torch.from_numpy(images), working_box) * whitening
-        if ctf_params is None:
-            ctf = torch.ones(len(index), *whitening.shape)
-        else:
-            ctf = torch.from_numpy(ctf_images(ctf_params.subset(index), working_box, work_pixel))
-        effective = ctf * whitening
-        size = (working_box, working_box)
-        flipped[index] = torch.fft.irfft2(spectrum * torch.sign(ctf), s=size, norm="ortho")
-        weighted[index] = torch.fft.irfft2(spectrum * effective, s=size, norm="ortho")
-        ctf2_shells[index] = shell_mean(effective ** 2, shells, n_shells)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, NOISE_SAMPLE), replace=False))
+    spectrum = fourier_crop(torch.from_numpy(stack.read(sample)), working_box)
+    background = torch.from_numpy(~circular_mask(working_box, radius))
+    size = (working_box, working_box)
+    n_shells = working_box // 2 + 1
+    shells = torch.from_numpy(shell_index(working_box))
+    small = torch.fft.irfft2(spectrum, s=size, norm="ortho")
+    small = (small - small.mean(dim=(1, 2), keepdim=True)) * background.float()
+    power = torch.fft.rfft2(small, norm="ortho").abs() ** 2 / background.float().mean()
+    noise = shell_mean(power, shells, n_shells).mean(0)
+    noise = noise.clamp(min=float(noise.max()) * 1e-3)
+    whitening = (1.0 / torch.sqrt(noise / noise.mean()))[shells.clamp(max=n_shells - 1)]
+    whitened = torch.fft.irfft2(spectrum * whitening, s=size, norm="ortho")
+    noise_var = float(whitened[:, background].var())
+    return Preparation(working_box, work_pixel, radius, whitening, noise_var, ctf_params)
+
+
+class _PreparedBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of the chosen particles, read from the stack and prepared (DataLoader workers)."""
+
+    def __init__(self, stack: ParticleStack, plan: Preparation, particles: NDArray, batch_size: int):
+        self.stack, self.plan, self.particles, self.batch_size = stack, plan, particles, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.particles) / self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = i * self.batch_size
+        index = self.particles[start:start + self.batch_size]
+        return (start, *self.plan.rows(self.stack.read(index), index))
+
+
+def prepare_working_set(stack: ParticleStack, plan: Preparation, particles: NDArray | None = None,
+                        scratch_dir: Path | None = None, workers: int = 0, batch_size: int = 1024,
+                        should_abort: Callable[[], bool] = lambda: False) -> WorkingSet:
+    """Read the chosen particles (default: all) once and build the :class:`WorkingSet`.
+
+    With ``scratch_dir`` the rows stream to files there (memory bounded by one batch per
+    worker); without, they stay in RAM. ``workers`` DataLoader processes read and prepare.
+    """
+    particles = np.arange(stack.n_particles) if particles is None else np.asarray(particles, np.int64)
+    n, box = len(particles), plan.working_box
+    n_masked = int(alignment_mask(box).sum())
+    if scratch_dir is None:
+        flipped, weighted = RowStore.in_memory(n, (box, box)), RowStore.in_memory(n, (n_masked,))
+    else:
+        flipped = RowStore.on_disk(Path(scratch_dir) / "flipped.f32", n, (box, box))
+        weighted = RowStore.on_disk(Path(scratch_dir) / "weighted.f32", n, (n_masked,))
+    ctf2_shells = torch.empty(n, box // 2 + 1)
+    batches = _PreparedBatches(stack, plan, particles, batch_size)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                         persistent_workers=False)
+    for start, flip, weight, ctf2 in tqdm(loader, desc="reading particles", total=len(batches),
+                                          disable=None, leave=False, unit="batch"):
+        flipped.write(start, flip)
+        weighted.write(start, weight)
+        ctf2_shells[start:start + len(flip)] = ctf2
         if should_abort():
             raise AbortRequested("abort requested while reading particles")
-    background = torch.from_numpy(~circular_mask(working_box, radius))
-    noise_var = float(flipped[:, background].var())
-    logger.info("prepared %d particles at a %d px working box (%.2f Å/px), noise variance %.3f",
-                n, working_box, work_pixel, noise_var)
-    return WorkingSet(flipped, weighted, ctf2_shells, working_box, work_pixel, scale, noise_var, radius)
+    where = "in RAM" if scratch_dir is None else f"streamed from {scratch_dir}"
+    logger.info("prepared %d particles at a %d px working box (%.2f Å/px, %s), noise variance %.3f",
+                n, box, plan.work_pixel, where, plan.noise_var)
+    return WorkingSet(flipped, weighted, ctf2_shells, box, plan.work_pixel, stack.box_size / box,
+                      plan.noise_var, plan.radius, particles)

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .alignment import PoseOperator, chunk_size, circular_mask, make_pose_grid, pose_scores
+from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, size_bounds
 from .config import ClusterConfig
+from .distributed import Comm
 from .averaging import wiener_filter
 from .preprocess import WorkingSet, rfft_weights, shell_index, shell_sum
 
@@ -66,17 +67,18 @@ def posterior(loglik: NDArray, log_prior: NDArray) -> NDArray:
 class Refiner:
     """Alignment and classification machinery for one working set."""
 
-    def __init__(self, ws: WorkingSet, cfg: ClusterConfig, device: torch.device):
-        self.ws, self.cfg, self.device = ws, cfg, device
+    def __init__(self, ws: WorkingSet, cfg: ClusterConfig, device: torch.device,
+                 comm: Comm = Comm(), n_total: int | None = None):
+        """``ws`` holds this rank's shard of ``n_total`` particles (all of them on one process)."""
+        self.ws, self.cfg, self.device, self.comm = ws, cfg, device, comm
+        self.n_total = len(ws) if n_total is None else n_total
         box = ws.box_size
         max_shift = (cfg.max_shift_px or 0.1 * box * ws.scale) / ws.scale
         self.grid = make_pose_grid(cfg.psi_step, max_shift)
-        # the CTF delocalises signal beyond the particle: align and average over the whole disc
-        self.mask = circular_mask(box, box / 2 - 1)
+        self.mask = ws.mask
         self.op = PoseOperator(box, self.grid, self.mask, device)
         self.coverage = self.op.coverage()
-        mask_t = torch.from_numpy(self.mask)
-        self.weighted = ws.ctf_weighted[:, mask_t].contiguous()
+        self.weighted = ws.weighted
         self.shells = torch.from_numpy(shell_index(box)).clamp(max=ws.ctf2_shells.shape[1] - 1)
         self.multiplicity = torch.from_numpy(rfft_weights(box))
         radius = torch.from_numpy(np.hypot(*np.meshgrid(np.arange(box) - box // 2,
@@ -84,8 +86,8 @@ class Refiner:
         edge = ws.particle_radius
         self.solvent_mask = (0.5 + 0.5 * torch.cos(torch.clamp((radius - edge) / 3.0, 0, 1) * np.pi)).float()
         self.batch = chunk_size(cfg.n_classes * self.grid.n_poses)
-        logger.info("alignment grid: %d rotations x %d shifts, %d mask pixels",
-                    len(self.grid.psi_deg), len(self.grid.shifts), self.op.n_masked)
+        logger.debug("alignment grid: %d rotations x %d shifts, %d mask pixels",
+                     len(self.grid.psi_deg), len(self.grid.shifts), self.op.n_masked)
 
     # ---- BSK-means++ on denoised images ------------------------------------------------
     def cluster_denoised(self, denoised: torch.Tensor, rng: np.random.Generator, n_iter: int = 8) -> Assignment:
@@ -150,16 +152,24 @@ class Refiner:
     # ---- CTF-aware likelihood on raw particles -----------------------------------------
     def statistics_from_labels(self, labels: NDArray, pose: NDArray, n_classes: int | None = None,
                                members: NDArray | None = None) -> Statistics:
-        """Hard-assignment statistics (one pose per particle), of all particles or of ``members``."""
+        """Hard-assignment statistics (one pose per particle) of this rank's particles or of ``members``.
+
+        ``labels``/``pose`` are per local particle (per member with ``members``); sums over ranks.
+        """
         k, p = n_classes or self.cfg.n_classes, self.grid.n_poses
-        weighted, ctf2_shells = self.weighted, self.ws.ctf2_shells
-        if members is not None:
-            weighted, ctf2_shells = weighted[members], ctf2_shells[members]
-        sums = torch.zeros(k * p, weighted.shape[1])
-        sums.index_add_(0, torch.from_numpy(labels * p + pose), weighted)
-        ctf2 = torch.zeros(k, ctf2_shells.shape[1]).index_add_(0, torch.from_numpy(labels), ctf2_shells)
-        weights = torch.bincount(torch.from_numpy(labels), minlength=k).float()
-        return Statistics(sums.reshape(k, p, -1), ctf2, weights)
+        sums = torch.zeros(k * p, self.weighted.shape[1])
+        slot = torch.from_numpy(np.asarray(labels, np.int64) * p + np.asarray(pose, np.int64))
+        if members is None:
+            ctf2_shells = self.ws.ctf2_shells
+            for start, chunk in self.weighted.chunks(self.batch):
+                sums.index_add_(0, slot[start:start + len(chunk)], chunk)
+        else:
+            ctf2_shells = self.ws.ctf2_shells[torch.from_numpy(np.asarray(members, np.int64))]
+            sums.index_add_(0, slot, self.weighted.take(members))
+        group = torch.from_numpy(np.asarray(labels, np.int64))
+        ctf2 = torch.zeros(k, ctf2_shells.shape[1]).index_add_(0, group, ctf2_shells)
+        weights = torch.bincount(group, minlength=k).float()
+        return Statistics(self.comm.sum(sums).reshape(k, p, -1), self.comm.sum(ctf2), self.comm.sum(weights))
 
     def references(self, stats: Statistics) -> torch.Tensor:
         """Wiener-filtered, solvent-masked class references ``(K, W, W)`` from statistics."""
@@ -175,20 +185,23 @@ class Refiner:
 
     def expectation(self, refs: torch.Tensor, log_prior: torch.Tensor,
                     soft_statistics: bool = True) -> tuple[NDArray, NDArray, Statistics | None]:
-        """Class log-likelihoods ``(n, K)`` (poses marginalised), best pose per class and soft statistics."""
+        """Class log-likelihoods ``(n, K)`` (poses marginalised), best pose per class and soft statistics.
+
+        One streaming pass over this rank's particles; statistics are summed over ranks.
+        """
         k, p = refs.shape[0], self.grid.n_poses
         templates = self.op.forward(refs)                                    # (K, P, M)
         power = shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
                            self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
         n = len(self.weighted)
-        loglik = np.empty((n, k))
-        best_pose = np.empty((n, k), dtype=np.int64)
+        loglik = np.empty((n, k), dtype=np.float32)
+        best_pose = np.empty((n, k), dtype=np.int32)
         sums = torch.zeros(k * p, self.weighted.shape[1], device=self.device)
         ctf2_sums = torch.zeros(k, self.ws.ctf2_shells.shape[1], device=self.device)
         log_pose_prior = -np.log(p)
-        for start in range(0, n, self.batch):
-            part = slice(start, start + self.batch)
-            chunk = self.weighted[part].to(self.device)
+        for start, rows in self.weighted.chunks(self.batch):
+            part = slice(start, start + len(rows))
+            chunk = rows.to(self.device, non_blocking=True)
             ctf2 = self.ws.ctf2_shells[part].to(self.device)
             norms = ctf2 @ power.t().to(self.device)                         # (c, K)
             scores = (pose_scores(chunk, templates) - 0.5 * norms[:, :, None]) / self.ws.noise_var
@@ -203,7 +216,8 @@ class Refiner:
         if not soft_statistics:
             return loglik, best_pose, None
         weights = ctf2_sums.new_zeros(k)  # filled by the caller from the posteriors
-        stats = Statistics(sums.reshape(k, p, -1).cpu(), ctf2_sums.cpu(), weights.cpu())
+        stats = Statistics(self.comm.sum(sums.reshape(k, p, -1).cpu()), self.comm.sum(ctf2_sums.cpu()),
+                           weights.cpu())
         return loglik, best_pose, stats
 
     def em_step(self, refs: torch.Tensor, log_prior: NDArray, max_shell: float | None = None,
@@ -215,13 +229,14 @@ class Refiner:
         """
         loglik, best_pose, stats = self.expectation(refs, torch.from_numpy(log_prior).float())
         post = posterior(loglik, log_prior)
-        stats.weights = torch.from_numpy(post.sum(0)).float()
+        stats.weights = self.comm.sum(torch.from_numpy(post.sum(0, dtype=np.float64)))
+        class_share = (stats.weights / stats.weights.sum()).numpy()
         new_refs = self.references(stats)
         if max_shell is not None and max_shell < self.ws.box_size // 2:
             new_refs = lowpass(new_refs, max_shell) * self.solvent_mask
         k = refs.shape[0]
         floor = self.cfg.balance if floor is None else floor
-        prior = np.maximum(post.mean(0), floor / k)
+        prior = np.maximum(class_share, floor / k)
         return EMState(new_refs, np.log(prior / prior.sum()), loglik, best_pose)
 
     def bsk_step(self, refs: torch.Tensor, log_prior: NDArray) -> tuple[Assignment, EMState]:
@@ -233,8 +248,11 @@ class Refiner:
         """
         loglik, best_pose, _ = self.expectation(refs, torch.from_numpy(log_prior).float(),
                                                 soft_statistics=False)
+        loglik = self.comm.gather(loglik, self.n_total)
+        best_pose = self.comm.gather(best_pose, self.n_total)
         assignment = self.assign(EMState(refs, log_prior, loglik, best_pose))
-        new_refs = self.references(self.statistics_from_labels(assignment.labels, assignment.pose))
+        mine = self.comm.shard(self.n_total)
+        new_refs = self.references(self.statistics_from_labels(assignment.labels[mine], assignment.pose[mine]))
         k = self.cfg.n_classes
         sizes = np.bincount(assignment.labels, minlength=k) / len(assignment.labels)
         prior = np.maximum(sizes, self.cfg.balance / k)
@@ -243,12 +261,12 @@ class Refiner:
     def assign(self, state: EMState) -> Assignment:
         """BSK balanced hard labels from an E-step's class log-likelihoods and priors."""
         n, k = state.loglik.shape
-        cost = -(state.loglik + state.log_prior[None])
+        cost = -(state.loglik.astype(np.float64) + state.log_prior[None])
         lo, hi = size_bounds(n, k, self.cfg.balance)
         labels = balanced_assignment(cost - cost.min(1, keepdims=True), lo, hi)
         rows = np.arange(n)
         confidence = posterior(state.loglik, state.log_prior)[rows, labels]
-        return Assignment(labels, state.best_pose[rows, labels], cost[rows, labels], confidence)
+        return Assignment(labels, state.best_pose[rows, labels].astype(np.int64), cost[rows, labels], confidence)
 
 def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:
     """``(n, W, W)`` images with Fourier shells above ``max_shell`` removed."""

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import warnings
 from collections import OrderedDict
@@ -161,16 +162,17 @@ class ParticleStack:
                 out[group] = self._read_slices(code, self._slices[indices[group]])
         return out
 
-    def iter_batches(self, batch_size: int) -> Iterator[tuple[NDArray[np.int64],
-                                                              NDArray[np.float32]]]:
-        """Yield ``(indices, images)`` in file order, ``batch_size`` particles at a time.
+    def iter_batches(self, batch_size: int, particles: ArrayLike | None = None
+                     ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
+        """Yield ``(indices, images)`` of ``particles`` (default: all, in file order), a batch at a time.
 
         Each batch is read only when requested, so memory is bounded by one batch.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, self.n_particles, batch_size):
-            indices = np.arange(start, min(start + batch_size, self.n_particles), dtype=np.int64)
+        chosen = np.arange(self.n_particles) if particles is None else np.asarray(particles, np.int64)
+        for start in range(0, len(chosen), batch_size):
+            indices = chosen[start:start + batch_size]
             yield indices, self.read(indices)
 
     def close(self) -> None:
@@ -205,6 +207,7 @@ class ParticleStack:
         else:
             block = data[slices]
         block = np.asarray(block, dtype=np.float32).copy()
+        _release_pages(data)
         finite = np.isfinite(block).all(axis=(1, 2))
         if not finite.all():
             bad = int(slices[np.argmin(finite)]) + 1
@@ -226,6 +229,16 @@ class ParticleStack:
             self._open.move_to_end(code)
         data = mrc.data
         return data[np.newaxis] if data.ndim == 2 else data
+
+
+def _release_pages(data: np.ndarray) -> None:
+    """Unmap the pages just read (they stay in the page cache), so that streaming a stack
+    larger than RAM does not grow the process's resident memory."""
+    base = data
+    while base is not None and getattr(base, "_mmap", None) is None:
+        base = base.base
+    if base is not None and hasattr(base._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        base._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 # --- parsing and validation helpers -------------------------------------------------------

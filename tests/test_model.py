@@ -6,7 +6,8 @@ import torch
 
 from cryo_drvae.config import TrainConfig
 from cryo_drvae.model import DRVAE, drvae_loss
-from cryo_drvae.train import Denoiser
+from cryo_drvae.store import RowStore
+from cryo_drvae.train import Denoiser, TrainingPairs
 
 
 def test_shapes_and_loss_terms():
@@ -28,8 +29,8 @@ def test_training_denoises_towards_the_clean_images():
     noisy = clean + 0.5 * torch.randn(clean.shape, generator=generator)
     denoiser = Denoiser(16, TrainConfig(latent_dim=4, channels=8, batch_size=32, learning_rate=3e-3),
                         torch.device("cpu"), seed=0)
-    denoiser.train(noisy, noisy, epochs=15)
-    denoised = denoiser.denoise(noisy)
+    denoiser.train(TrainingPairs(RowStore.wrap(noisy)), epochs=15)
+    denoised = denoiser.denoise(RowStore.wrap(noisy))
     noisy_error = ((noisy - clean) ** 2).mean()
     denoised_error = ((denoised - clean) ** 2).mean()
     assert denoised_error < noisy_error / 3
@@ -38,9 +39,9 @@ def test_training_denoises_towards_the_clean_images():
 def test_checkpoint_state_round_trip():
     cfg = TrainConfig(latent_dim=4, channels=8)
     first = Denoiser(16, cfg, torch.device("cpu"), seed=1)
-    first.train(torch.randn(64, 16, 16), torch.randn(64, 16, 16), epochs=1)
+    first.train(TrainingPairs(RowStore.wrap(torch.randn(64, 16, 16))), epochs=1)
     second = Denoiser(16, cfg, torch.device("cpu"), seed=2)
     second.load_state_dict(first.state_dict())
     probe = torch.randn(4, 16, 16)
-    assert torch.equal(first.denoise(probe), second.denoise(probe))
+    assert torch.equal(first.denoise(RowStore.wrap(probe)), second.denoise(RowStore.wrap(probe)))
     assert second.epochs_done == 1
