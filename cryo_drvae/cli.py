@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -49,11 +50,12 @@ def clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parse_gpu(gpu: str | None) -> str:
-    """RELION's ``--gpu "0,1"`` -> torch device of the first id ("" = GPU 0); None -> CPU."""
+    """RELION's ``--gpu "0,1"`` -> ``cuda:0,1`` ("" = GPU 0; under torchrun rank r uses the r-th id);
+    None -> CPU."""
     if gpu is None:
         return "cpu"
-    first = gpu.replace(":", ",").split(",")[0].strip()
-    return f"cuda:{int(first) if first else 0}"
+    ids = [t.strip() for t in gpu.replace(":", ",").split(",") if t.strip()]
+    return "cuda:" + ",".join(str(int(t)) for t in ids or ["0"])
 
 
 @click.group()
@@ -83,6 +85,11 @@ def main() -> None:
 @click.option("--data_dir", default=None, help="Folder image paths are relative to (default: working dir).")
 @click.option("--working_box", type=int, default=None, help="Working box in px after Fourier cropping.")
 @click.option("--psi_step", type=float, default=None, help="In-plane angular step in degrees.")
+@click.option("--preread_images", is_flag=True, default=None,
+              help="Keep the working images in RAM (faster when they fit) instead of streaming them.")
+@click.option("--scratch_dir", default=None, help="Folder for streamed working images (default: next to --o).")
+@click.option("--init_particles", type=int, default=None,
+              help="Particles the first classes are found on (0 = max(5000, 100 K)).")
 @click.option("--epochs", "epochs_initial", type=int, default=None, help="Initial DRVAE epochs.")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 @clean_errors
@@ -93,8 +100,10 @@ def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> No
 
     cfg = RunConfig.from_options(device=parse_gpu(gpu), use_ctf=not no_ctf,
                                  **options)
-    check_outputs_writable(cfg.output_prefix)   # before the log file is created there
-    setup_logging(Path(f"{cfg.output_prefix}_run.log"), verbose)
+    main_rank = os.environ.get("RANK", "0") == "0"      # under torchrun only rank 0 writes
+    if main_rank:
+        check_outputs_writable(cfg.output_prefix)   # before the log file is created there
+    setup_logging(Path(f"{cfg.output_prefix}_run.log") if main_rank else None, verbose)
     result = run(cfg)
     for name, path in result.paths.items():
         click.echo(f"{name}: {path}")

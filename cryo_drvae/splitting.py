@@ -68,13 +68,11 @@ def two_means(x: torch.Tensor, vt: torch.Tensor, n_iter: int = 10) -> NDArray:
     return side
 
 
-def split_once(ref: Refiner, state: EMState, max_shell: float, split_shell: float,
-               exclude: int = -1) -> EMState:
-    """Split the most heterogeneous class of ``state`` in two (by its aligned members)."""
+def split_classes(ref: Refiner, state: EMState, max_shell: float, split_shell: float,
+                  n_splits: int = 1) -> EMState:
+    """Split the ``n_splits`` most heterogeneous classes of ``state`` in two (by their aligned members)."""
     k = state.refs.shape[0]
-    post = posterior(state.loglik, state.log_prior)
-    labels = post.argmax(1)
-    best, best_j, best_x, best_vt, best_members = -1.0, 0, None, None, None
+    labels = posterior(state.loglik, state.log_prior).argmax(1)
     box = ref.ws.box_size
     f = np.fft.fftfreq(box) * box
     inside = float((np.hypot(f[:, None], f[None, :]) <= split_shell).sum())
@@ -82,35 +80,46 @@ def split_once(ref: Refiner, state: EMState, max_shell: float, split_shell: floa
     d_eff = int(inside * min(1.0, mask_frac))
     sizes = np.bincount(labels, minlength=k)
     smallest = min(20, int(sizes.max()))          # fall back to the largest class if all are tiny
+    candidates = []
     for j in range(k):
         members = np.nonzero(labels == j)[0]
-        if len(members) < max(smallest, 2) or j == exclude:
+        if len(members) < max(smallest, 2):
             continue
         x = aligned_members(ref, members, state.best_pose[members, j], split_shell)
         score, vt = split_score(x, ref.ws.noise_var, d_eff)
-        if score > best:
-            best, best_j, best_x, best_vt, best_members = score, j, x, vt, members
-    if best_x is None:
-        return state
-    side = two_means(best_x, best_vt)
-    pose = state.best_pose[best_members, best_j]
-    halves = ref.references(ref.statistics_from_labels(side.astype(np.int64), pose, n_classes=2,
-                                                       members=best_members))
-    halves = lowpass(halves, max_shell) * ref.solvent_mask
-    refs = torch.cat([state.refs, halves[1:]], 0)
-    refs[best_j] = halves[0]
-    prior = np.exp(state.log_prior)
-    frac = float(side.mean())
-    prior = np.append(prior, prior[best_j] * frac)
-    prior[best_j] *= (1 - frac)
-    logger.debug("split class %d (%d members, score %.3g) into %d + %d", best_j, len(best_members),
-                 best, int((~side).sum()), int(side.sum()))
+        candidates.append((score, j, x, vt, members))
+    candidates.sort(key=lambda c: -c[0])
+    refs, prior = state.refs, np.exp(state.log_prior)
+    if not candidates:                 # too few particles to split: duplicate the likeliest class
+        j = int(np.argmax(prior))
+        prior = np.append(prior, prior[j] / 2)
+        prior[j] /= 2
+        return EMState(torch.cat([refs, refs[j:j + 1]], 0), np.log(prior / prior.sum()),
+                       state.loglik, state.best_pose)
+    for score, j, x, vt, members in candidates[:n_splits]:
+        side = two_means(x, vt)
+        halves = ref.references(ref.statistics_from_labels(side.astype(np.int64), state.best_pose[members, j],
+                                                           n_classes=2, members=members))
+        halves = lowpass(halves, max_shell) * ref.solvent_mask
+        refs = torch.cat([refs, halves[1:]], 0)
+        refs[j] = halves[0]
+        frac = float(side.mean())
+        prior = np.append(prior, prior[j] * frac)
+        prior[j] *= (1 - frac)
+        logger.debug("split class %d (%d members, score %.3g) into %d + %d", j, len(members),
+                     score, int((~side).sum()), int(side.sum()))
     return EMState(refs, np.log(prior / prior.sum()), state.loglik, state.best_pose)
+
+
+def splits_per_stage(k: int) -> int:
+    """Classes split at once when there are ``k``: one at a time up to 15, then k/8 (geometric growth,
+    so that growing to K costs O(K) class-steps of EM instead of O(K^2))."""
+    return max(1, k // 8)
 
 
 def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_start: float = 5.0,
                  should_abort: Callable[[], bool] = lambda: False) -> EMState:
-    """EM from one class, splitting the most heterogeneous class until there are ``n_classes``.
+    """EM from one class, splitting the most heterogeneous classes until there are ``n_classes``.
 
     The references are low-passed to a shell that rises linearly from ``shell_start`` (one class)
     to Nyquist (``n_classes``), so the early, coarse alignments cannot lock onto noise.
@@ -120,7 +129,8 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
     zeros = np.zeros(n, dtype=np.int64)
     refs = lowpass(ref.references(ref.statistics_from_labels(zeros, zeros, n_classes=1)), shell_start)
     state = EMState(refs * ref.solvent_mask, np.zeros(1), None, None)
-    for k in range(1, n_classes + 1):
+    k = 1
+    while True:
         shell = shell_start + (shell_end - shell_start) * min(1.0, (k - 1) / max(n_classes - 1, 1))
         for _ in range(rounds_per_split + (k == 1)):
             state = ref.em_step(state.refs, state.log_prior, shell, floor=0.0)
@@ -128,6 +138,7 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
             raise AbortRequested("abort requested while growing classes")
         logger.info("grown to %d of %d classes (references filtered to %.0f Å)", k, n_classes,
                     ref.ws.box_size * ref.ws.pixel_size / max(shell, 1.0))
-        if k < n_classes:
-            state = split_once(ref, state, shell, shell)
-    return state
+        if k >= n_classes:
+            return state
+        state = split_classes(ref, state, shell, shell, min(splits_per_stage(k), n_classes - k))
+        k = state.refs.shape[0]

@@ -141,11 +141,26 @@ def _device_from_gpu(gpu: str | None) -> str:
         logger.warning("--gpu %s: no CUDA device is available on this machine; running on the CPU",
                        gpu if gpu != _BARE else "")
         return "cpu"
-    if first >= n_devices:
-        raise ConfigError(f"--gpu: device {first} requested but only {n_devices} CUDA device(s) visible")
-    if len(ids) > 1:
-        logger.warning("--gpu %s: cryo-drvae uses one GPU; using cuda:%d", gpu, first)
-    return f"cuda:{first}"
+    numbers = [int(t) for t in ids] or [0]
+    if max(numbers) >= n_devices:
+        raise ConfigError(f"--gpu: device {max(numbers)} requested but only {n_devices} CUDA device(s) visible")
+    return "cuda:" + ",".join(str(i) for i in numbers)
+
+
+def gpu_count(device: str) -> int:
+    """Number of GPUs a device string names (``cuda:0,1`` -> 2; ``cpu`` -> 0)."""
+    return len(device.partition(":")[2].split(",")) if device.startswith("cuda") else 0
+
+
+def torchrun_command(argv: Sequence[str], n_processes: int) -> list[str]:
+    """This job again under ``torchrun``: one process per GPU on this node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
+            "-m", "relion_wrapper.external_job", *argv]
+
+
+def is_main_rank() -> bool:
+    """True unless this is a non-zero rank under torchrun (only rank 0 writes RELION's files)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def output_prefix(job_dir: str, n_rounds: int) -> str:
@@ -419,8 +434,9 @@ def run_job(argv: Sequence[str] | None = None,
         if not os.path.isdir(job_dir):
             raise InputFileError(f"{job_dir}: job folder (--o) does not exist; RELION creates it before "
                                  f"starting the job, create it yourself when running by hand")
-        for name in EXIT_MARKERS + (OUTPUT_NODES,):     # stale results of an earlier run
-            _remove(os.path.join(job_dir, name))
+        if is_main_rank():
+            for name in EXIT_MARKERS + (OUTPUT_NODES,):     # stale results of an earlier run
+                _remove(os.path.join(job_dir, name))
 
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:
@@ -446,8 +462,14 @@ def run_job(argv: Sequence[str] | None = None,
         if watch():
             raise AbortRequested(f"{watch.abort_file} exists: abort requested before the start")
 
+        if gpu_count(cfg.device) > 1 and "WORLD_SIZE" not in os.environ and pipeline_run is None:
+            command = torchrun_command(argv, gpu_count(cfg.device))
+            logger.info("several GPUs: running %s", " ".join(command))
+            os.execv(command[0], command)
         run = pipeline_run or _load_pipeline_run()
         result = run(cfg, should_abort=watch)
+        if not is_main_rank():
+            return RC_SUCCESS
 
         paths = {k: str(v) for k, v in getattr(result, "paths", {}).items()}
         data_star = paths.get("data_star", f"{prefix}_data.star")

@@ -112,7 +112,7 @@ def _argv(parts, job, *extra):
 
 def test_parses_the_command_line_relion_313_builds(project, monkeypatch):
     parts, job = project
-    monkeypatch.setattr(ej, "_device_from_gpu", lambda gpu: "cuda:0" if gpu == "0,1" else "cpu")
+    monkeypatch.setattr(ej, "_device_from_gpu", lambda gpu: "cuda:0,1" if gpu == "0,1" else "cpu")
     argv = relion313_external_argv(
         "relion_cryo_drvae.py", f"{job}/", in_parts=str(parts.star),
         params=[("K", "4"), ("continue", ""), ("", "ignored"), ("iter", "3"), ("gpu", "0,1"),
@@ -126,7 +126,10 @@ def test_parses_the_command_line_relion_313_builds(project, monkeypatch):
     cfg = ej.config_from_args(args)
     assert cfg.cluster.n_classes == 4 and cfg.cluster.n_rounds == 3
     assert cfg.threads == 3 and cfg.seed == 7 and cfg.continue_run is True
-    assert cfg.device == "cuda:0"
+    assert cfg.device == "cuda:0,1" and ej.gpu_count(cfg.device) == 2
+    command = ej.torchrun_command(argv, 2)
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command[-len(argv):] == argv
     assert cfg.data.particle_diameter == 90.0 and cfg.cluster.balance == 0.3
     assert cfg.train.epochs_initial == 1
     assert cfg.data.particles_star == str(parts.star)
@@ -148,7 +151,7 @@ def test_gpu_without_cuda_falls_back_to_cpu_with_a_warning(monkeypatch, caplog):
     assert "no CUDA device" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert ej._device_from_gpu("1,0") == "cuda:1"
+    assert ej._device_from_gpu("1,0") == "cuda:1,0"
     assert ej._device_from_gpu(ej._BARE) == "cuda:0"
     with pytest.raises(ej.ConfigError, match="device 3"):
         ej._device_from_gpu("3")
