@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= demo_out
 JOBS ?= 2
 
-.PHONY: install install-relion demo test test-fast bench bench-quick clean
+.PHONY: install install-relion demo test test-fast bench bench-quick bench-scale clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP) install-relion
 
 bench-quick: $(STAMP) install-relion
 	$(PY) bench/run_bench.py --sets easy --j $(JOBS)
+
+# GPU=0 runs the scaling benchmark on GPU 0; SIZES=2000,20000 for a shorter run
+SIZES ?= 2000,20000,200000
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py --sizes $(SIZES) --j $(JOBS) $(if $(GPU),--gpu $(GPU))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

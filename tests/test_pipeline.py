@@ -135,3 +135,18 @@ def test_unbalanced_and_drvae_start_variants_classify(small_set, tmp_path, optio
     result = run(fast_config(small_set.star_path, tmp_path / "run", **options))
     data = starfile.read(result.paths["data_star"])["particles"]
     assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= floor
+
+
+def test_preread_images_gives_the_streamed_result(classified, tmp_path):
+    sim, out, streamed = classified
+    in_ram = run(fast_config(sim.star_path, tmp_path / "run", preread_images=True))
+    np.testing.assert_array_equal(in_ram.result.labels, streamed.result.labels)
+    np.testing.assert_allclose(in_ram.result.class_averages, streamed.result.class_averages, rtol=0, atol=1e-6)
+    assert not Path(f"{out}_scratch").exists()      # the streamed run removed its scratch files
+
+
+def test_first_classes_from_a_subset_still_classify_everyone(small_set, tmp_path):
+    result = run(fast_config(small_set.star_path, tmp_path / "run", init_particles=120)).result
+    data = starfile.read(tmp_path / "run_data.star")["particles"]
+    assert len(result.labels) == 240
+    assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= 0.85
