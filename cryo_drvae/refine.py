@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from tqdm.auto import tqdm
 
 from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, size_bounds
@@ -190,7 +191,7 @@ class Refiner:
         One streaming pass over this rank's particles; statistics are summed over ranks.
         """
         k, p = refs.shape[0], self.grid.n_poses
-        templates = self.op.forward(refs)                                    # (K, P, M)
+        templates = self.op.forward(refs) / self.ws.noise_var                # (K, P, M)
         power = shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
                            self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
         n = len(self.weighted)
@@ -198,21 +199,27 @@ class Refiner:
         best_pose = np.empty((n, k), dtype=np.int32)
         sums = torch.zeros(k * p, self.weighted.shape[1], device=self.device)
         ctf2_sums = torch.zeros(k, self.ws.ctf2_shells.shape[1], device=self.device)
-        log_pose_prior = -np.log(p)
-        for start, rows in self.weighted.chunks(self.batch):
+        prior = log_prior.to(self.device)
+        for start, rows in tqdm(self.weighted.chunks(self.batch), desc="aligning", unit="chunk",
+                                total=-(-n // self.batch), disable=None, leave=False):
             part = slice(start, start + len(rows))
             chunk = rows.to(self.device, non_blocking=True)
             ctf2 = self.ws.ctf2_shells[part].to(self.device)
-            norms = ctf2 @ power.t().to(self.device)                         # (c, K)
-            scores = (pose_scores(chunk, templates) - 0.5 * norms[:, :, None]) / self.ws.noise_var
-            class_ll = torch.logsumexp(scores, dim=2) + log_pose_prior       # (c, K)
+            offset = -0.5 * (ctf2 @ power.t().to(self.device)) / self.ws.noise_var - np.log(p)   # (c, K)
+            # in place on the one (c, K, P) score array: fresh temporaries of that size cost
+            # more than the matrix product itself on a CPU
+            scores = pose_scores(chunk, templates)
+            best, arg = scores.max(dim=2)
+            spread = scores.sub_(best.unsqueeze(2)).exp_()                   # exp(score - best)
+            within = spread.sum(2)
+            class_ll = best + within.log() + offset                          # (c, K), poses marginalised
             if soft_statistics:
-                joint = scores + (log_prior.to(self.device)[None, :, None] + log_pose_prior)
-                post = torch.softmax(joint.reshape(len(chunk), -1), dim=1)   # (c, K*P)
-                sums += post.t() @ chunk
-                ctf2_sums += post.reshape(len(chunk), k, p).sum(2).t() @ ctf2
+                resp = torch.softmax(class_ll + prior[None], dim=1)          # (c, K)
+                post = spread.mul_((resp / within).unsqueeze(2))             # (c, K, P), sums to 1
+                sums += post.reshape(len(chunk), -1).t() @ chunk
+                ctf2_sums += resp.t() @ ctf2
             loglik[part] = class_ll.cpu().numpy()
-            best_pose[part] = scores.argmax(dim=2).cpu().numpy()
+            best_pose[part] = arg.cpu().numpy()
         if not soft_statistics:
             return loglik, best_pose, None
         weights = ctf2_sums.new_zeros(k)  # filled by the caller from the posteriors
