@@ -126,6 +126,8 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
     torch.set_flush_denormal(True)   # tiny posteriors as denormals slow CPU matmuls many-fold
     device = resolve_device(cfg.device, comm)
     seed_everything(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)   # --seed: same result, bit for bit
     logger.info("cryo-drvae %s: %s", __version__, " ".join(sys.argv))
     if comm.active:
         logger.info("rank %d of %d on %s", comm.rank, comm.world_size, device)

@@ -200,8 +200,9 @@ class Refiner:
         sums = torch.zeros(k * p, self.weighted.shape[1], device=self.device)
         ctf2_sums = torch.zeros(k, self.ws.ctf2_shells.shape[1], device=self.device)
         prior = log_prior.to(self.device)
-        for start, rows in tqdm(self.weighted.chunks(self.batch), desc="aligning", unit="chunk",
-                                total=-(-n // self.batch), disable=None, leave=False):
+        progress = tqdm(total=n, desc="aligning", unit="particle", unit_scale=True, disable=None, leave=False)
+        for start, rows in self.weighted.chunks(self.batch):
+            progress.update(len(rows))
             part = slice(start, start + len(rows))
             chunk = rows.to(self.device, non_blocking=True)
             ctf2 = self.ws.ctf2_shells[part].to(self.device)
@@ -220,6 +221,7 @@ class Refiner:
                 ctf2_sums += resp.t() @ ctf2
             loglik[part] = class_ll.cpu().numpy()
             best_pose[part] = arg.cpu().numpy()
+        progress.close()
         if not soft_statistics:
             return loglik, best_pose, None
         weights = ctf2_sums.new_zeros(k)  # filled by the caller from the posteriors

@@ -135,3 +135,21 @@ def test_sets_and_relion_command_follow_the_specification():
                  "--offset_step 2", "--zero_mask", "--flatten_solvent", "--norm", "--scale", "--j 2",
                  "--particle_diameter 115.2", "--pool 30", "--dont_combine_weights_via_disc"):
         assert part in joined
+
+
+def test_scale_benchmark_reads_rates_and_compares_sizes():
+    from bench import bench_scale as bs
+
+    log = ("10:00:01 INFO round 1/4: 100.0% of labels changed, class sizes 3-9, 2.0 s (900 particles/s; ...)\n"
+           "10:00:03 INFO round 2/4: 5.0% of labels changed, class sizes 3-9, 2.0 s (1000 particles/s; ...)\n"
+           "10:00:05 INFO round 3/4: 1.0% of labels changed, class sizes 3-9, 2.0 s (1100 particles/s; ...)\n"
+           "10:00:06 INFO stage times (s): read 1.0, cluster 2.0, align 6.0\n")
+    rate, stages = bs.parse_log(log)
+    assert rate == 1000 and stages == "read 1.0, cluster 2.0, align 6.0"
+    small = bs.ScaleRow(20_000, 50, 100.0, 150.0, 1000.0, 400.0, stages, 0.9, "CPU x2")
+    large = bs.ScaleRow(200_000, 50, 1200.0, 1800.0, 1300.0, 360.0, stages, 0.9, "CPU x2")
+    assert large.us_per_particle == pytest.approx(6000.0)
+    (line,) = bs.ratios([bs.ScaleRow(2000, 10, 5, 5, 900, 999, "", 1.0, "CPU x2"), small, large])
+    assert "time per particle x1.20" in line and "peak RSS x1.30" in line
+    assert bs.table([small]).count("\n") == 2
+    assert bs.classes_for(2000) == 10 and bs.classes_for(20_000) == 50
