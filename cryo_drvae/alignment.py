@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,14 @@ class PoseOperator:
         self.mask = mask
         self.n_masked = int(mask.sum())
         self.device = torch.device(device)
-        self._matrix = self._build().to(self.device)
-        self._matrix_t = self._matrix.t().coalesce() if self.device.type == "cpu" else self._matrix.t()
+        matrix = self._build()
+        if self.device.type == "cpu":     # CSR products are several times faster than COO on CPUs
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                self._matrix, self._matrix_t = matrix.to_sparse_csr(), matrix.t().coalesce().to_sparse_csr()
+        else:
+            self._matrix = matrix.to(self.device)
+            self._matrix_t = self._matrix.t()
 
     def _build(self) -> torch.Tensor:
         box, c = self.box_size, self.box_size // 2
@@ -111,15 +118,15 @@ class PoseOperator:
     def forward(self, references: torch.Tensor) -> torch.Tensor:
         """``(K, box, box)`` references -> ``(K, P, M)`` templates."""
         k = references.shape[0]
-        flat = references.reshape(k, -1).t().to(self.device, torch.float32)     # (box², K)
-        out = torch.sparse.mm(self._matrix, flat)                               # (P*M, K)
+        flat = references.reshape(k, -1).t().to(self.device, torch.float32).contiguous()   # (box², K)
+        out = self._matrix @ flat                                               # (P*M, K)
         return out.t().reshape(k, self.grid.n_poses, self.n_masked)
 
     def adjoint(self, stacks: torch.Tensor) -> torch.Tensor:
         """``(K, P, M)`` pose-resolved sums -> ``(K, box, box)`` in the reference frame."""
         k = stacks.shape[0]
-        flat = stacks.reshape(k, -1).t().to(self.device, torch.float32)         # (P*M, K)
-        out = torch.sparse.mm(self._matrix_t, flat)                             # (box², K)
+        flat = stacks.reshape(k, -1).t().to(self.device, torch.float32).contiguous()       # (P*M, K)
+        out = self._matrix_t @ flat                                             # (box², K)
         return out.t().reshape(k, self.box_size, self.box_size)
 
     def coverage(self) -> torch.Tensor:

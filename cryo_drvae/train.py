@@ -89,8 +89,10 @@ class Denoiser:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 quarter_turns = int(torch.randint(4, (1,), generator=self.generator))
                 x, y = torch.rot90(x, quarter_turns, (1, 2)), torch.rot90(y, quarter_turns, (1, 2))
-                recon, mean, logvar = network(x)
-                loss, _, _ = drvae_loss(recon, y, mean, logvar, self.cfg.kl_weight)
+                # bf16 autocast on GPUs (the loss is summed in float32); full precision on CPUs
+                with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+                    recon, mean, logvar = network(x)
+                loss, _, _ = drvae_loss(recon.float(), y, mean.float(), logvar.float(), self.cfg.kl_weight)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
