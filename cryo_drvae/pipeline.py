@@ -173,8 +173,9 @@ def scratch_folder(cfg: RunConfig, comm: Comm) -> Path | None:
     """Where this rank streams its working images (None: kept in RAM, ``--preread_images``)."""
     if cfg.data.preread_images:
         return None
-    base = Path(cfg.data.scratch_dir) if cfg.data.scratch_dir else Path(f"{cfg.output_prefix}_scratch")
-    return base / f"rank{comm.rank}"
+    prefix = Path(cfg.output_prefix)
+    base = Path(cfg.data.scratch_dir) if cfg.data.scratch_dir else prefix.parent
+    return base / f"{prefix.name}_scratch" / f"rank{comm.rank}"
 
 
 def remove_scratch(folder: Path | None) -> None:

@@ -46,6 +46,7 @@ class WorkingSet:
     noise_var: float             # per-pixel noise variance after whitening
     particle_radius: float       # px at W
     particles: NDArray[np.int64]  # (n,) rows of the particle table these are
+    plan: Preparation | None = None   # how they were prepared (CTF parameters, whitening)
 
     def __len__(self) -> int:
         return len(self.particles)
@@ -62,6 +63,25 @@ class WorkingSet:
                                    weighted=RowStore.wrap(self.weighted.take(rows)),
                                    ctf2_shells=self.ctf2_shells[torch.from_numpy(rows)],
                                    particles=self.particles[rows])
+
+    def effective_ctf(self, rows: NDArray) -> torch.Tensor:
+        """``|CTF x whitening|`` of the given rows on the full FFT grid, ``(m, W, W)`` (unshifted).
+
+        Built from the same half-plane values the prepared images were filtered with, extended by
+        Hermitian symmetry, so ``flipped`` filtered by it is ``weighted`` (inside the mask).
+        """
+        box, rows = self.box_size, np.asarray(rows)
+        if self.plan.ctf_params is None:
+            half = self.plan.whitening.expand(len(rows), *self.plan.whitening.shape)
+        else:
+            ctf = ctf_images(self.plan.ctf_params.subset(self.particles[rows]), box, self.pixel_size)
+            half = torch.from_numpy(np.abs(ctf)) * self.plan.whitening
+        full = torch.empty(len(rows), box, box)
+        full[..., :box // 2 + 1] = half
+        mirrored_rows = torch.from_numpy((-np.arange(box)) % box)
+        mirrored_cols = torch.from_numpy(box - np.arange(box // 2 + 1, box))
+        full[..., box // 2 + 1:] = half[:, mirrored_rows][:, :, mirrored_cols]
+        return full
 
     def close(self) -> None:
         """Delete scratch files (if streamed)."""
@@ -223,4 +243,4 @@ def prepare_working_set(stack: ParticleStack, plan: Preparation, particles: NDAr
     logger.info("prepared %d particles at a %d px working box (%.2f Å/px, %s), noise variance %.3f",
                 n, box, plan.work_pixel, where, plan.noise_var)
     return WorkingSet(flipped, weighted, ctf2_shells, box, plan.work_pixel, stack.box_size / box,
-                      plan.noise_var, plan.radius, particles)
+                      plan.noise_var, plan.radius, particles, plan)
