@@ -66,3 +66,16 @@ def test_single_process_collectives_are_identity():
     assert comm.sum(values) is values and comm.broadcast(values) is values
     rows = np.arange(12).reshape(6, 2)
     assert comm.gather(rows, 6) is rows
+
+
+def test_drvae_trains_data_parallel_over_two_processes(small_set, tmp_path):
+    prefix = tmp_path / "drvae" / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "cryo_drvae", "classify", "--i", str(small_set.star_path), "--o", str(prefix),
+               "--K", "4", "--j", "1", "--iter", "1", "--psi_step", "12", "--drvae", "--epochs", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data, averages = outputs(prefix)
+    assert len(data) == 240 and averages.shape[0] == 4
+    assert "DRVAE trained 1 epochs" in (tmp_path / "drvae" / "run_run.log").read_text()
