@@ -12,6 +12,8 @@ smallest set of K = 50 show whether time is linear and memory flat in N.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import shlex
 import shutil
@@ -108,17 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=BENCH_DIR / "scale_results.md")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
-    rows = []
+    store = args.out / "scale_results.json"
+    saved = json.loads(store.read_text()) if store.exists() else {"rows": [], "commands": []}
+    command = "python bench/bench_scale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    saved["commands"].append(command)
     for size in (int(s) for s in args.sizes.split(",")):
-        rows.append(run_size(size, args))
-        print(table(rows), flush=True)
+        row = run_size(size, args)
+        key = (row.n_particles, row.device, args.iter)
+        saved["rows"] = [r for r in saved["rows"] if (r["n_particles"], r["device"], r["iter"]) != key]
+        saved["rows"].append({**dataclasses.asdict(row), "iter": args.iter})
+        store.write_text(json.dumps(saved, indent=1))
+        print(table([row]), flush=True)
+    groups = sorted({r["iter"] for r in saved["rows"]})
+    sections = []
+    for n_iter in groups:
+        rows = [ScaleRow(**{k: v for k, v in r.items() if k != "iter"}) for r in saved["rows"] if r["iter"] == n_iter]
+        rows.sort(key=lambda r: (r.device, r.n_particles))
+        sections += [f"## --iter {n_iter}", "", table(rows), "", *ratios(rows), ""]
     text = "\n".join([
         "# cryo-drvae scaling (simulated, box 64, SNR 0.05)", "",
-        f"Machine: {bl.machine_line()}", "",
-        "Command: `python bench/bench_scale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])) + "`",
-        "", table(rows), "", *ratios(rows), ""])
+        f"Machine: {bl.machine_line()}", "", "Commands:", "",
+        *[f"    {c}" for c in saved["commands"]], "", *sections])
     args.report.write_text(text)
-    print("\n".join(ratios(rows)))
+    print(text)
     return 0
 
 

@@ -120,14 +120,15 @@ class PoseOperator:
         k = references.shape[0]
         flat = references.reshape(k, -1).t().to(self.device, torch.float32).contiguous()   # (box², K)
         out = self._matrix @ flat                                               # (P*M, K)
-        return out.t().reshape(k, self.grid.n_poses, self.n_masked)
+        # contiguous: a strided view here made every pose_scores call copy all templates
+        return out.t().contiguous().reshape(k, self.grid.n_poses, self.n_masked)
 
     def adjoint(self, stacks: torch.Tensor) -> torch.Tensor:
         """``(K, P, M)`` pose-resolved sums -> ``(K, box, box)`` in the reference frame."""
         k = stacks.shape[0]
         flat = stacks.reshape(k, -1).t().to(self.device, torch.float32).contiguous()       # (P*M, K)
         out = self._matrix_t @ flat                                             # (box², K)
-        return out.t().reshape(k, self.box_size, self.box_size)
+        return out.t().contiguous().reshape(k, self.box_size, self.box_size)
 
     def coverage(self) -> torch.Tensor:
         """``(box, box)`` sum of interpolation weights over all poses (for normalising averages)."""
