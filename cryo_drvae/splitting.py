@@ -4,7 +4,11 @@ Starting K-means++ from single particles fails at low SNR (each seed is mostly n
 classes are grown instead: EM over (class, pose) with the exact CTF likelihood from one class;
 then, repeatedly, the class whose aligned members are most heterogeneous is split in two
 (2-means on the top principal components of its members brought into the reference frame)
-and EM continues, until there are K classes. The references are low-passed to a resolution
+and EM continues, until there are K classes. Heterogeneity is measured on what the class model
+does not explain (each member minus the reference seen through its own CTF, at its own scale
+and pose), against the known noise level: otherwise defocus, amplitude, the residual pose of a
+discrete grid, or merely a large class, look like two structures, and large classes get split
+while small ones stay merged. The references are low-passed to a resolution
 that rises with the number of classes (annealing), which keeps early alignment from locking
 onto noise.
 """
@@ -36,8 +40,51 @@ def aligned_members(ref: Refiner, members: NDArray, pose: NDArray, max_shell: fl
     return imgs[:, mask]
 
 
+def member_residuals(ref: Refiner, members: NDArray, pose: NDArray, reference: torch.Tensor,
+                     max_shell: float) -> torch.Tensor:
+    """What the class model does not explain in each member, in the reference frame.
+
+    Each phase-flipped member, brought into the reference frame and low-passed, minus its least-squares
+    fit by the reference seen through that member's own |CTF| and by the reference's derivatives
+    in angle and shift (through the same |CTF|). Defocus, amplitude and the residual pose of a
+    discrete grid then no longer look like heterogeneity; different structures still do.
+    """
+    box = ref.ws.box_size
+    psi, shift = ref.grid.decode(pose)
+    psi_t, shift_t = torch.from_numpy(psi).float(), torch.from_numpy(shift).float()
+    flipped = ref.ws.flipped[members]
+    # |effective CTF| of each member: weighted = spectrum * CTF * w, flipped = spectrum * sign(CTF)
+    # (the whitening w is in both), so their Fourier ratio is |CTF * w|
+    num = torch.fft.fft2(ref.ws.ctf_weighted[members]).abs()
+    den = torch.fft.fft2(flipped).abs()
+    ctf = torch.where(den > 1e-6 * den.amax(dim=(1, 2), keepdim=True), num / den.clamp(min=1e-30),
+                      torch.zeros(()))
+    ctf = torch.fft.ifftshift(transform_images(torch.fft.fftshift(ctf, dim=(-2, -1)), psi_t,
+                                               torch.zeros_like(shift_t), to_reference=True),
+                              dim=(-2, -1))
+    step = 2.0
+    moved = transform_images(reference.expand(6, box, box),
+                             torch.tensor([step, -step, 0.0, 0.0, 0.0, 0.0]),
+                             torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.5, 0.0], [-0.5, 0.0],
+                                           [0.0, 0.5], [0.0, -0.5]]))
+    basis = torch.stack([reference, moved[0] - moved[1], moved[2] - moved[3], moved[4] - moved[5]])
+    spectra = torch.fft.fft2(basis)                                          # (4, W, W)
+    models = torch.fft.ifft2(ctf[:, None] * spectra[None]).real              # (m, 4, W, W)
+    models = lowpass(models.reshape(-1, box, box), max_shell).reshape(len(members), 4, box, box)
+    mask = torch.from_numpy(circular_mask(box, ref.ws.particle_radius))
+    x = aligned_members(ref, members, pose, max_shell).double()                # (m, M)
+    models = models[:, :, mask].double()                                     # (m, 4, M)
+    gram = models @ models.transpose(1, 2) + 1e-9 * torch.eye(4, dtype=torch.float64)
+    coef = torch.linalg.solve(gram, models @ x[:, :, None])                  # (m, 4, 1)
+    return (x - (models.transpose(1, 2) @ coef)[:, :, 0]).float()
+
+
 def split_score(x: torch.Tensor, noise_var: float, d_eff: int = 0) -> tuple[float, torch.Tensor]:
-    """Excess of the top eigenvalue over the Marchenko-Pastur noise edge, times the class size."""
+    """Excess of the top eigenvalue over the Marchenko-Pastur noise edge, times the class size.
+
+    Below the edge (nothing detectable) the score is the relative excess, in (-1, 0], so that
+    classes still rank.
+    """
     m, d = x.shape
     xc = (x - x.mean(0, keepdim=True)).double()
     cov = (xc.t() @ xc / max(m - 1, 1)).numpy()
@@ -49,8 +96,12 @@ def split_score(x: torch.Tensor, noise_var: float, d_eff: int = 0) -> tuple[floa
     vt = torch.from_numpy(np.ascontiguousarray(evecs[:, ::-1][:, :3].T)).float()
     # noise level: median eigenvalue within the effective dimension of the low-passed subspace
     d_eff = int(np.clip(d_eff or d, 2, min(d, m)))
-    edge = float(np.median(lam[:d_eff])) * (1 + np.sqrt(d_eff / max(m, 1))) ** 2
-    return float(m * max(lam[0] - edge, 0.0)), vt
+    # the median is biased low (the masked, low-passed noise spectrum is not flat), so the
+    # known noise variance sets the edge where it is higher
+    noise = max(float(np.median(lam[:d_eff])), noise_var)
+    edge = noise * (1 + np.sqrt(d_eff / max(m, 1))) ** 2
+    excess = lam[0] - edge
+    return float(m * excess if excess > 0 else excess / edge), vt
 
 
 def two_means(x: torch.Tensor, vt: torch.Tensor, n_iter: int = 10) -> NDArray:
@@ -74,7 +125,7 @@ def split_once(ref: Refiner, state: EMState, max_shell: float, split_shell: floa
     k = state.refs.shape[0]
     post = posterior(state.loglik, state.log_prior)
     labels = post.argmax(1)
-    best, best_j, best_x, best_vt, best_members = -1.0, 0, None, None, None
+    best, best_j, best_x, best_vt, best_members = -np.inf, 0, None, None, None
     box = ref.ws.box_size
     f = np.fft.fftfreq(box) * box
     inside = float((np.hypot(f[:, None], f[None, :]) <= split_shell).sum())
@@ -82,12 +133,14 @@ def split_once(ref: Refiner, state: EMState, max_shell: float, split_shell: floa
     d_eff = int(inside * min(1.0, mask_frac))
     sizes = np.bincount(labels, minlength=k)
     smallest = min(20, int(sizes.max()))          # fall back to the largest class if all are tiny
+    scores = []
     for j in range(k):
         members = np.nonzero(labels == j)[0]
         if len(members) < max(smallest, 2) or j == exclude:
             continue
-        x = aligned_members(ref, members, state.best_pose[members, j], split_shell)
+        x = member_residuals(ref, members, state.best_pose[members, j], state.refs[j], split_shell)
         score, vt = split_score(x, ref.ws.noise_var, d_eff)
+        scores.append(f"{j}:{len(members)}:{score:.3g}")
         if score > best:
             best, best_j, best_x, best_vt, best_members = score, j, x, vt, members
     if best_x is None:
@@ -103,8 +156,8 @@ def split_once(ref: Refiner, state: EMState, max_shell: float, split_shell: floa
     frac = float(side.mean())
     prior = np.append(prior, prior[best_j] * frac)
     prior[best_j] *= (1 - frac)
-    logger.debug("split class %d (%d members, score %.3g) into %d + %d", best_j, len(best_members),
-                 best, int((~side).sum()), int(side.sum()))
+    logger.debug("split class %d (%d members, score %.3g; class:size:score %s) into %d + %d", best_j,
+                 len(best_members), best, " ".join(scores), int((~side).sum()), int(side.sum()))
     return EMState(refs, np.log(prior / prior.sum()), state.loglik, state.best_pose)
 
 
