@@ -162,11 +162,15 @@ def split_once(ref: Refiner, state: EMState, max_shell: float, split_shell: floa
 
 
 def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_start: float = 5.0,
+                 settle_rounds: int = 6, settle_tolerance: float = 0.0025,
                  should_abort: Callable[[], bool] = lambda: False) -> EMState:
     """EM from one class, splitting the most heterogeneous class until there are ``n_classes``.
 
     The references are low-passed to a shell that rises linearly from ``shell_start`` (one class)
     to Nyquist (``n_classes``), so the early, coarse alignments cannot lock onto noise.
+    At ``n_classes``, up to ``settle_rounds`` more EM steps at full resolution (until fewer than
+    ``settle_tolerance`` of the labels change): the last classes are otherwise handed on after two
+    steps, and a split that found nothing real has not yet given its members back.
     """
     shell_end = ref.ws.box_size // 2
     n = len(ref.weighted)
@@ -183,4 +187,14 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
                     ref.ws.box_size * ref.ws.pixel_size / max(shell, 1.0))
         if k < n_classes:
             state = split_once(ref, state, shell, shell)
+    # the last split has had only ``rounds_per_split`` steps: let EM settle at the final resolution
+    labels = posterior(state.loglik, state.log_prior).argmax(1)
+    for step in range(settle_rounds):
+        state = ref.em_step(state.refs, state.log_prior, shell_end, floor=0.0)
+        new = posterior(state.loglik, state.log_prior).argmax(1)
+        changed = float(np.mean(new != labels))
+        labels = new
+        logger.info("settling EM step %d: %.1f%% of labels changed", step + 1, 100 * changed)
+        if changed < settle_tolerance:
+            break
     return state
