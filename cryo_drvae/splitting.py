@@ -41,27 +41,16 @@ def aligned_members(ref: Refiner, members: NDArray, pose: NDArray, max_shell: fl
 
 
 def member_residuals(ref: Refiner, members: NDArray, pose: NDArray, reference: torch.Tensor,
-                     max_shell: float) -> torch.Tensor:
+                     max_shell: float, chunk: int = 1024) -> torch.Tensor:
     """What the class model does not explain in each member, in the reference frame.
 
     Each phase-flipped member, brought into the reference frame and low-passed, minus its least-squares
     fit by the reference seen through that member's own |CTF| and by the reference's derivatives
     in angle and shift (through the same |CTF|). Defocus, amplitude and the residual pose of a
     discrete grid then no longer look like heterogeneity; different structures still do.
+    Returns ``(m, M)`` like :func:`aligned_members`; members are processed ``chunk`` at a time.
     """
     box = ref.ws.box_size
-    psi, shift = ref.grid.decode(pose)
-    psi_t, shift_t = torch.from_numpy(psi).float(), torch.from_numpy(shift).float()
-    flipped = ref.ws.flipped[members]
-    # |effective CTF| of each member: weighted = spectrum * CTF * w, flipped = spectrum * sign(CTF)
-    # (the whitening w is in both), so their Fourier ratio is |CTF * w|
-    num = torch.fft.fft2(ref.ws.ctf_weighted[members]).abs()
-    den = torch.fft.fft2(flipped).abs()
-    ctf = torch.where(den > 1e-6 * den.amax(dim=(1, 2), keepdim=True), num / den.clamp(min=1e-30),
-                      torch.zeros(()))
-    ctf = torch.fft.ifftshift(transform_images(torch.fft.fftshift(ctf, dim=(-2, -1)), psi_t,
-                                               torch.zeros_like(shift_t), to_reference=True),
-                              dim=(-2, -1))
     step = 2.0
     moved = transform_images(reference.expand(6, box, box),
                              torch.tensor([step, -step, 0.0, 0.0, 0.0, 0.0]),
@@ -69,14 +58,30 @@ def member_residuals(ref: Refiner, members: NDArray, pose: NDArray, reference: t
                                            [0.0, 0.5], [0.0, -0.5]]))
     basis = torch.stack([reference, moved[0] - moved[1], moved[2] - moved[3], moved[4] - moved[5]])
     spectra = torch.fft.fft2(basis)                                          # (4, W, W)
-    models = torch.fft.ifft2(ctf[:, None] * spectra[None]).real              # (m, 4, W, W)
-    models = lowpass(models.reshape(-1, box, box), max_shell).reshape(len(members), 4, box, box)
     mask = torch.from_numpy(circular_mask(box, ref.ws.particle_radius))
-    x = aligned_members(ref, members, pose, max_shell).double()                # (m, M)
-    models = models[:, :, mask].double()                                     # (m, 4, M)
-    gram = models @ models.transpose(1, 2) + 1e-9 * torch.eye(4, dtype=torch.float64)
-    coef = torch.linalg.solve(gram, models @ x[:, :, None])                  # (m, 4, 1)
-    return (x - (models.transpose(1, 2) @ coef)[:, :, 0]).float()
+    out = []
+    for start in range(0, len(members), chunk):
+        part, part_pose = members[start:start + chunk], pose[start:start + chunk]
+        psi, _ = ref.grid.decode(part_pose)
+        psi_t = torch.from_numpy(psi).float()
+        # |effective CTF| of each member: weighted = spectrum * CTF * w and flipped =
+        # spectrum * sign(CTF) (the whitening w in both), so their Fourier ratio is |CTF * w|;
+        # it turns with the member into the reference frame (the shift does not move it)
+        num = torch.fft.fft2(ref.ws.ctf_weighted[part]).abs()
+        den = torch.fft.fft2(ref.ws.flipped[part]).abs()
+        ctf = torch.where(den > 1e-6 * den.amax(dim=(1, 2), keepdim=True), num / den.clamp(min=1e-30),
+                          torch.zeros(()))
+        ctf = torch.fft.ifftshift(transform_images(torch.fft.fftshift(ctf, dim=(-2, -1)), psi_t,
+                                                   torch.zeros(len(part), 2), to_reference=True),
+                                  dim=(-2, -1))
+        models = torch.fft.ifft2(ctf[:, None] * spectra[None]).real          # (c, 4, W, W)
+        models = lowpass(models.reshape(-1, box, box), max_shell).reshape(len(part), 4, box, box)
+        models = models[:, :, mask].double()                                 # (c, 4, M)
+        x = aligned_members(ref, part, part_pose, max_shell).double()        # (c, M)
+        gram = models @ models.transpose(1, 2) + 1e-9 * torch.eye(4, dtype=torch.float64)
+        coef = torch.linalg.solve(gram, models @ x[:, :, None])              # (c, 4, 1)
+        out.append((x - (models.transpose(1, 2) @ coef)[:, :, 0]).float())
+    return torch.cat(out)
 
 
 def split_score(x: torch.Tensor, noise_var: float, d_eff: int = 0) -> tuple[float, torch.Tensor]:
