@@ -4,7 +4,11 @@ Starting K-means++ from single particles fails at low SNR (each seed is mostly n
 classes are grown instead: EM over (class, pose) with the exact CTF likelihood from one class;
 then, repeatedly, the class whose aligned members are most heterogeneous is split in two
 (2-means on the top principal components of its members brought into the reference frame)
-and EM continues, until there are K classes. The references are low-passed to a resolution
+and EM continues, until there are K classes. Heterogeneity is measured on what the class model
+does not explain (each member minus the reference seen through its own CTF, at its own scale
+and pose), against the known noise level: otherwise defocus, amplitude, the residual pose of a
+discrete grid, or merely a large class, look like two structures, and large classes get split
+while small ones stay merged. The references are low-passed to a resolution
 that rises with the number of classes (annealing), which keeps early alignment from locking
 onto noise.
 """
@@ -36,8 +40,51 @@ def aligned_members(ref: Refiner, members: NDArray, pose: NDArray, max_shell: fl
     return imgs[:, mask]
 
 
+def member_residuals(ref: Refiner, members: NDArray, pose: NDArray, reference: torch.Tensor,
+                     max_shell: float, chunk: int = 1024) -> torch.Tensor:
+    """What the class model does not explain in each member, in the reference frame.
+
+    Each phase-flipped member, brought into the reference frame and low-passed, minus its least-squares
+    fit by the reference seen through that member's own |CTF| and by the reference's derivatives
+    in angle and shift (through the same |CTF|). Defocus, amplitude and the residual pose of a
+    discrete grid then no longer look like heterogeneity; different structures still do.
+    Returns ``(m, M)`` like :func:`aligned_members`; members are processed ``chunk`` at a time.
+    """
+    box = ref.ws.box_size
+    step = 2.0
+    moved = transform_images(reference.expand(6, box, box),
+                             torch.tensor([step, -step, 0.0, 0.0, 0.0, 0.0]),
+                             torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.5, 0.0], [-0.5, 0.0],
+                                           [0.0, 0.5], [0.0, -0.5]]))
+    basis = torch.stack([reference, moved[0] - moved[1], moved[2] - moved[3], moved[4] - moved[5]])
+    spectra = torch.fft.fft2(basis)                                          # (4, W, W)
+    mask = torch.from_numpy(circular_mask(box, ref.ws.particle_radius))
+    out = []
+    for start in range(0, len(members), chunk):
+        part, part_pose = members[start:start + chunk], pose[start:start + chunk]
+        psi, _ = ref.grid.decode(part_pose)
+        psi_t = torch.from_numpy(psi).float()
+        ctf = ref.ws.effective_ctf(part)                                     # (c, W, W) |CTF x w|
+        # it turns with the member into the reference frame (the shift does not move it)
+        ctf = torch.fft.ifftshift(transform_images(torch.fft.fftshift(ctf, dim=(-2, -1)), psi_t,
+                                                   torch.zeros(len(part), 2), to_reference=True),
+                                  dim=(-2, -1))
+        models = torch.fft.ifft2(ctf[:, None] * spectra[None]).real          # (c, 4, W, W)
+        models = lowpass(models.reshape(-1, box, box), max_shell).reshape(len(part), 4, box, box)
+        models = models[:, :, mask].double()                                 # (c, 4, M)
+        x = aligned_members(ref, part, part_pose, max_shell).double()        # (c, M)
+        gram = models @ models.transpose(1, 2) + 1e-9 * torch.eye(4, dtype=torch.float64)
+        coef = torch.linalg.solve(gram, models @ x[:, :, None])              # (c, 4, 1)
+        out.append((x - (models.transpose(1, 2) @ coef)[:, :, 0]).float())
+    return torch.cat(out)
+
+
 def split_score(x: torch.Tensor, noise_var: float, d_eff: int = 0) -> tuple[float, torch.Tensor]:
-    """Excess of the top eigenvalue over the Marchenko-Pastur noise edge, times the class size."""
+    """Excess of the top eigenvalue over the Marchenko-Pastur noise edge, times the class size.
+
+    Below the edge (nothing detectable) the score is the relative excess, in (-1, 0], so that
+    classes still rank.
+    """
     m, d = x.shape
     xc = (x - x.mean(0, keepdim=True)).double()
     cov = (xc.t() @ xc / max(m - 1, 1)).numpy()
@@ -49,8 +96,12 @@ def split_score(x: torch.Tensor, noise_var: float, d_eff: int = 0) -> tuple[floa
     vt = torch.from_numpy(np.ascontiguousarray(evecs[:, ::-1][:, :3].T)).float()
     # noise level: median eigenvalue within the effective dimension of the low-passed subspace
     d_eff = int(np.clip(d_eff or d, 2, min(d, m)))
-    edge = float(np.median(lam[:d_eff])) * (1 + np.sqrt(d_eff / max(m, 1))) ** 2
-    return float(m * max(lam[0] - edge, 0.0)), vt
+    # the median is biased low (the masked, low-passed noise spectrum is not flat), so the
+    # known noise variance sets the edge where it is higher
+    noise = max(float(np.median(lam[:d_eff])), noise_var)
+    edge = noise * (1 + np.sqrt(d_eff / max(m, 1))) ** 2
+    excess = lam[0] - edge
+    return float(m * excess if excess > 0 else excess / edge), vt
 
 
 def two_means(x: torch.Tensor, vt: torch.Tensor, n_iter: int = 10) -> NDArray:
@@ -70,7 +121,7 @@ def two_means(x: torch.Tensor, vt: torch.Tensor, n_iter: int = 10) -> NDArray:
 
 def split_classes(ref: Refiner, state: EMState, max_shell: float, split_shell: float,
                   n_splits: int = 1) -> EMState:
-    """Split the ``n_splits`` most heterogeneous classes of ``state`` in two (by their aligned members)."""
+    """Split the ``n_splits`` classes of ``state`` whose members the class model explains worst, in two."""
     k = state.refs.shape[0]
     labels = posterior(state.loglik, state.log_prior).argmax(1)
     box = ref.ws.box_size
@@ -85,7 +136,7 @@ def split_classes(ref: Refiner, state: EMState, max_shell: float, split_shell: f
         members = np.nonzero(labels == j)[0]
         if len(members) < max(smallest, 2):
             continue
-        x = aligned_members(ref, members, state.best_pose[members, j], split_shell)
+        x = member_residuals(ref, members, state.best_pose[members, j], state.refs[j], split_shell)
         score, vt = split_score(x, ref.ws.noise_var, d_eff)
         candidates.append((score, j, x, vt, members))
     candidates.sort(key=lambda c: -c[0])
@@ -106,8 +157,9 @@ def split_classes(ref: Refiner, state: EMState, max_shell: float, split_shell: f
         frac = float(side.mean())
         prior = np.append(prior, prior[j] * frac)
         prior[j] *= (1 - frac)
-        logger.debug("split class %d (%d members, score %.3g) into %d + %d", j, len(members),
-                     score, int((~side).sum()), int(side.sum()))
+        logger.debug("split class %d (%d members, score %.3g; class:size:score %s) into %d + %d", j,
+                     len(members), score, " ".join(f"{c[1]}:{len(c[4])}:{c[0]:.3g}" for c in candidates),
+                     int((~side).sum()), int(side.sum()))
     return EMState(refs, np.log(prior / prior.sum()), state.loglik, state.best_pose)
 
 
@@ -118,11 +170,15 @@ def splits_per_stage(k: int) -> int:
 
 
 def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_start: float = 5.0,
+                 settle_rounds: int = 6, settle_tolerance: float = 0.0025,
                  should_abort: Callable[[], bool] = lambda: False) -> EMState:
     """EM from one class, splitting the most heterogeneous classes until there are ``n_classes``.
 
     The references are low-passed to a shell that rises linearly from ``shell_start`` (one class)
     to Nyquist (``n_classes``), so the early, coarse alignments cannot lock onto noise.
+    At ``n_classes``, up to ``settle_rounds`` more EM steps at full resolution (until fewer than
+    ``settle_tolerance`` of the labels change): the last classes are otherwise handed on after two
+    steps, and a split that found nothing real has not yet given its members back.
     """
     shell_end = ref.ws.box_size // 2
     n = len(ref.weighted)
@@ -139,6 +195,17 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
         logger.info("grown to %d of %d classes (references filtered to %.0f Å)", k, n_classes,
                     ref.ws.box_size * ref.ws.pixel_size / max(shell, 1.0))
         if k >= n_classes:
-            return state
+            break
         state = split_classes(ref, state, shell, shell, min(splits_per_stage(k), n_classes - k))
         k = state.refs.shape[0]
+    # the last split has had only ``rounds_per_split`` steps: let EM settle at the final resolution
+    labels = posterior(state.loglik, state.log_prior).argmax(1)
+    for step in range(settle_rounds):
+        state = ref.em_step(state.refs, state.log_prior, shell_end, floor=0.0)
+        new = posterior(state.loglik, state.log_prior).argmax(1)
+        changed = float(np.mean(new != labels))
+        labels = new
+        logger.info("settling EM step %d: %.1f%% of labels changed", step + 1, 100 * changed)
+        if changed < settle_tolerance:
+            break
+    return state
