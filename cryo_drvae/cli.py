@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -95,12 +94,13 @@ def main() -> None:
 @clean_errors
 def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> None:
     """Classify particles: writes <o>_data.star, _model.star, _class_averages.mrcs and PNGs."""
+    from .distributed import is_main_process
     from .outputs import check_outputs_writable
     from .pipeline import run
 
     cfg = RunConfig.from_options(device=parse_gpu(gpu), use_ctf=not no_ctf,
                                  **options)
-    main_rank = os.environ.get("RANK", "0") == "0"      # under torchrun only rank 0 writes
+    main_rank = is_main_process()
     if main_rank:
         check_outputs_writable(cfg.output_prefix)   # before the log file is created there
     setup_logging(Path(f"{cfg.output_prefix}_run.log") if main_rank else None, verbose)

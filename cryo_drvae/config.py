@@ -21,6 +21,13 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def gpu_ids(device: str) -> list[int]:
+    """GPU numbers a device string names: ``cuda:0,1`` -> [0, 1], ``cuda`` -> [0], ``cpu`` -> []."""
+    if not device.startswith("cuda"):
+        return []
+    return [int(i) for i in device.partition(":")[2].split(",") if i.strip()] or [0]
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the particles are and how they are prepared."""

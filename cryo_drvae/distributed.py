@@ -78,6 +78,11 @@ class Comm:
             dist.barrier()
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank started by torchrun (rank 0 alone writes files)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def launched_world_size() -> int:
     """Number of processes the launcher (torchrun) started; 1 when run directly."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -97,5 +102,5 @@ def init_comm(use_cuda: bool) -> Comm:
 
 def shutdown(comm: Comm) -> None:
     if comm.active and dist.is_initialized():
-        dist.barrier()
+        comm.barrier()
         dist.destroy_process_group()

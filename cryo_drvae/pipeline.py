@@ -25,7 +25,7 @@ from . import __version__, plots
 from .alignment import to_relion_pose, transform_images
 from .averaging import class_averages
 from .clustering import reliable_mask
-from .config import RunConfig
+from .config import RunConfig, gpu_ids
 from .ctf import params_from_particles
 from .distributed import Comm, init_comm, shutdown
 from .errors import AbortRequested, ConfigError, InputFileError
@@ -62,12 +62,11 @@ class RoundState:
     denoiser: dict | None
 
 
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed python, numpy and torch; return the generator that code passes along."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (code that draws numbers takes its own seeded generator)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return np.random.default_rng(seed)
 
 
 def resolve_device(name: str, comm: Comm = Comm()) -> torch.device:
@@ -77,7 +76,7 @@ def resolve_device(name: str, comm: Comm = Comm()) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError(f"--gpu was given but CUDA is not available (torch {torch.__version__}); "
                           f"run without --gpu on this machine")
-    ids = [int(i) for i in name.partition(":")[2].split(",") if i.strip()] or [0]
+    ids = gpu_ids(name)
     device = torch.device(f"cuda:{ids[comm.local_rank % len(ids)]}")
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 scores: same labels, several times faster
@@ -132,6 +131,7 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
     if comm.active:
         logger.info("rank %d of %d on %s", comm.rank, comm.world_size, device)
     scratch = scratch_folder(cfg, comm)
+    ws: WorkingSet | None = None
     try:
         with timer("read"):
             table = read_particles(cfg.data.particles_star)
@@ -159,6 +159,8 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
         with timer("average"):
             result = final_result(stack, ctf, pixel_size, ws, refiner, state, abort)
     finally:
+        if ws is not None:
+            ws.close()
         remove_scratch(scratch)
     paths: dict[str, Path] = {}
     if comm.is_main:
@@ -199,11 +201,14 @@ def initial_working_set(stack: ParticleStack, plan: Preparation, ws: WorkingSet,
     """The seeded random subset the first classes are found on, in RAM (the same on every rank)."""
     n = stack.n_particles
     size = cfg.cluster.initial_subset_size(n)
-    if size == n and len(ws) == n:
-        return ws if ws.flipped.tensor is not None else ws.subset(np.arange(n))
-    chosen = np.sort(np.random.default_rng(cfg.seed + 1).choice(n, size=size, replace=False))
-    logger.info("finding the first classes on %d of %d particles", size, n)
-    return prepare_working_set(stack, plan, chosen, None, loader_workers(cfg, size), should_abort=abort)
+    if size == n:
+        chosen = np.arange(n)
+    else:
+        chosen = np.sort(np.random.default_rng(cfg.seed + 1).choice(n, size=size, replace=False))
+        logger.info("finding the first classes on %d of %d particles", size, n)
+    if len(ws) < n:          # a rank of several holds only its shard: read the subset again
+        return prepare_working_set(stack, plan, chosen, None, loader_workers(cfg, size), should_abort=abort)
+    return ws if size == n and ws.flipped.tensor is not None else ws.subset(chosen)
 
 
 def check_class_count(table: ParticleTable, cfg: RunConfig) -> None:
@@ -286,7 +291,8 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
                  "mean_cost": float(np.mean(assignment.cost))}
         if denoiser is not None:
             with timer("train"):
-                entry["drvae_loss"] = pseudo_target_training(refiner, ws, assignment, denoiser, cfg, abort)
+                entry["drvae_loss"] = pseudo_target_training(refiner, ws, assignment, step.refs, denoiser,
+                                                             cfg, abort)
         sizes = np.bincount(assignment.labels, minlength=cfg.cluster.n_classes)
         entry.update(class_size_min=int(sizes.min()), class_size_max=int(sizes.max()))
         state = RoundState(state.round + 1, assignment, step.refs, step.log_prior, state.history + [entry],
@@ -310,12 +316,11 @@ def changed_fraction(before: NDArray, after: NDArray) -> float:
     return 1.0 if len(before) != len(after) else float(np.mean(before != after))
 
 
-def pseudo_target_training(refiner: Refiner, ws: WorkingSet, assignment: Assignment,
+def pseudo_target_training(refiner: Refiner, ws: WorkingSet, assignment: Assignment, centres: torch.Tensor,
                            denoiser: Denoiser, cfg: RunConfig, abort: Callable[[], bool]) -> float:
-    """Step 3: reliable particles learn towards their class average placed at their pose."""
+    """Step 3: reliable particles learn towards their class average (``centres``) placed at their pose."""
     reliable = reliable_mask(assignment.cost, assignment.labels, cfg.cluster.reliable_fraction)
     mine = refiner.comm.shard(refiner.n_total)
-    centres = refiner.references(refiner.statistics_from_labels(assignment.labels[mine], assignment.pose[mine]))
     psi, shift = refiner.grid.decode(assignment.pose[mine])
     target = PseudoTargets(centres, assignment.labels[mine], reliable[mine], psi, shift,
                            cfg.train.pseudo_target_weight)

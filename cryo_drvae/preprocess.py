@@ -40,16 +40,36 @@ class WorkingSet:
     flipped: RowStore            # (n, W, W) whitened, CTF phase-flipped
     weighted: RowStore           # (n, M) whitened, multiplied by the effective CTF, inside the disc mask
     ctf2_shells: torch.Tensor    # (n, S) mean squared effective CTF per Fourier shell (small: in RAM)
-    box_size: int                # W
-    pixel_size: float            # Å/px at W
-    scale: float                 # original box / W
-    noise_var: float             # per-pixel noise variance after whitening
-    particle_radius: float       # px at W
     particles: NDArray[np.int64]  # (n,) rows of the particle table these are
-    plan: Preparation | None = None   # how they were prepared (CTF parameters, whitening)
+    plan: Preparation            # how they were prepared: box, pixel, noise, CTF parameters, whitening
 
     def __len__(self) -> int:
         return len(self.particles)
+
+    @property
+    def box_size(self) -> int:
+        """W."""
+        return self.plan.working_box
+
+    @property
+    def pixel_size(self) -> float:
+        """Å/px at W."""
+        return self.plan.work_pixel
+
+    @property
+    def scale(self) -> float:
+        """Original box / W."""
+        return self.plan.scale
+
+    @property
+    def noise_var(self) -> float:
+        """Per-pixel noise variance after whitening."""
+        return self.plan.noise_var
+
+    @property
+    def particle_radius(self) -> float:
+        """Particle radius, px at W."""
+        return self.plan.radius
 
     @property
     def mask(self) -> NDArray[np.bool_]:
@@ -148,6 +168,7 @@ class Preparation:
 
     working_box: int
     work_pixel: float
+    scale: float                  # original box / W
     radius: float                 # particle radius, px at W
     whitening: torch.Tensor       # (W, W//2+1) 1 / sqrt(relative noise power)
     noise_var: float              # per-pixel noise variance after whitening
@@ -194,7 +215,7 @@ def plan_preparation(stack: ParticleStack, ctf_params: CtfParams | None, pixel_s
     whitening = (1.0 / torch.sqrt(noise / noise.mean()))[shells.clamp(max=n_shells - 1)]
     whitened = torch.fft.irfft2(spectrum * whitening, s=size, norm="ortho")
     noise_var = float(whitened[:, background].var())
-    return Preparation(working_box, work_pixel, radius, whitening, noise_var, ctf_params)
+    return Preparation(working_box, work_pixel, scale, radius, whitening, noise_var, ctf_params)
 
 
 class _PreparedBatches(torch.utils.data.Dataset):
@@ -242,5 +263,4 @@ def prepare_working_set(stack: ParticleStack, plan: Preparation, particles: NDAr
     where = "in RAM" if scratch_dir is None else f"streamed from {scratch_dir}"
     logger.info("prepared %d particles at a %d px working box (%.2f Å/px, %s), noise variance %.3f",
                 n, box, plan.work_pixel, where, plan.noise_var)
-    return WorkingSet(flipped, weighted, ctf2_shells, box, plan.work_pixel, stack.box_size / box,
-                      plan.noise_var, plan.radius, particles, plan)
+    return WorkingSet(flipped, weighted, ctf2_shells, particles, plan)

@@ -277,6 +277,7 @@ class Refiner:
         confidence = posterior(state.loglik, state.log_prior)[rows, labels]
         return Assignment(labels, state.best_pose[rows, labels].astype(np.int64), cost[rows, labels], confidence)
 
+
 def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:
     """``(n, W, W)`` images with Fourier shells above ``max_shell`` removed."""
     box = images.shape[-1]

@@ -55,10 +55,6 @@ class RowStore:
     def shape(self) -> tuple[int, ...]:
         return (self.n, *self.row_shape)
 
-    @property
-    def on_disk_bytes(self) -> int:
-        return 0 if self.path is None else self.n * self.row_floats * 4
-
     # ---- access ----------------------------------------------------------------------
     def write(self, start: int, rows: torch.Tensor) -> None:
         """Store ``rows`` at rows ``start .. start + len(rows)``."""

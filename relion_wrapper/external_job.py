@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cryo_drvae import __version__
-from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig
+from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig, gpu_ids
 from cryo_drvae.errors import AbortRequested, ConfigError, CryoDrvaeError, InputFileError
 from cryo_drvae.io_utils import atomic_path
 
@@ -149,7 +149,7 @@ def _device_from_gpu(gpu: str | None) -> str:
 
 def gpu_count(device: str) -> int:
     """Number of GPUs a device string names (``cuda:0,1`` -> 2; ``cpu`` -> 0)."""
-    return len(device.partition(":")[2].split(",")) if device.startswith("cuda") else 0
+    return len(gpu_ids(device))
 
 
 def torchrun_command(argv: Sequence[str], n_processes: int) -> list[str]:
@@ -157,10 +157,6 @@ def torchrun_command(argv: Sequence[str], n_processes: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
             "-m", "relion_wrapper.external_job", *argv]
 
-
-def is_main_rank() -> bool:
-    """True unless this is a non-zero rank under torchrun (only rank 0 writes RELION's files)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def output_prefix(job_dir: str, n_rounds: int) -> str:
@@ -419,6 +415,8 @@ def run_job(argv: Sequence[str] | None = None,
 
     ``pipeline_run`` replaces :func:`cryo_drvae.pipeline.run` (tests).
     """
+    from cryo_drvae.distributed import is_main_process   # torch: imported when a job runs
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
@@ -434,7 +432,7 @@ def run_job(argv: Sequence[str] | None = None,
         if not os.path.isdir(job_dir):
             raise InputFileError(f"{job_dir}: job folder (--o) does not exist; RELION creates it before "
                                  f"starting the job, create it yourself when running by hand")
-        if is_main_rank():
+        if is_main_process():
             for name in EXIT_MARKERS + (OUTPUT_NODES,):     # stale results of an earlier run
                 _remove(os.path.join(job_dir, name))
 
@@ -468,7 +466,7 @@ def run_job(argv: Sequence[str] | None = None,
             os.execv(command[0], command)
         run = pipeline_run or _load_pipeline_run()
         result = run(cfg, should_abort=watch)
-        if not is_main_rank():
+        if not is_main_process():
             return RC_SUCCESS
 
         paths = {k: str(v) for k, v in getattr(result, "paths", {}).items()}

@@ -58,12 +58,10 @@ def working_set(refs: list[torch.Tensor], which: np.ndarray, pose: np.ndarray, g
     shells = torch.from_numpy(shell_index(BOX))
     mask = torch.from_numpy(alignment_mask(BOX))
     weighted = torch.fft.irfft2(spectrum * ctf, s=(BOX, BOX), norm="ortho")[:, mask]
-    plan = Preparation(BOX, PIXEL, RADIUS, torch.ones(BOX, BOX // 2 + 1), NOISE_VAR, params)
+    plan = Preparation(BOX, PIXEL, 1.0, RADIUS, torch.ones(BOX, BOX // 2 + 1), NOISE_VAR, params)
     return WorkingSet(flipped=RowStore.wrap(torch.fft.irfft2(spectrum * torch.sign(ctf), s=(BOX, BOX), norm="ortho")),
                       weighted=RowStore.wrap(weighted.contiguous()),
-                      ctf2_shells=shell_mean(ctf ** 2, shells, BOX // 2 + 1), box_size=BOX,
-                      pixel_size=PIXEL, scale=1.0, noise_var=NOISE_VAR, particle_radius=RADIUS,
-                      particles=np.arange(n), plan=plan)
+                      ctf2_shells=shell_mean(ctf ** 2, shells, BOX // 2 + 1), particles=np.arange(n), plan=plan)
 
 
 def test_defocus_and_amplitude_are_not_heterogeneity_but_a_second_structure_is():
