@@ -115,7 +115,12 @@ def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> No
 @click.option("--n", "n_particles", type=int, default=2000, show_default=True, help="Number of particles.")
 @click.option("--snr", type=float, default=0.02, show_default=True, help="Signal-to-noise ratio.")
 @click.option("--box", "box_size", type=int, default=64, show_default=True, help="Box size in px.")
-@click.option("--angpix", "pixel_size", type=float, default=3.0, show_default=True, help="Pixel size in Å.")
+@click.option("--angpix", "pixel_size", type=float, default=3.0, show_default=True,
+              help="Pixel size in Å (0 with --pdb: the largest model spans 65% of the box).")
+@click.option("--pdb", "pdb_files", default=None,
+              help="Atomic model(s), PDB or mmCIF, comma-separated: one shape each instead of random blobs.")
+@click.option("--jitter", "view_jitter_deg", type=float, default=None,
+              help="Degrees (sd) each particle tilts off its view (default 2 with --pdb, 0 for blobs).")
 @click.option("--shapes", "n_shapes", type=int, default=1, show_default=True, help="Distinct 3D shapes.")
 @click.option("--imbalance", type=float, default=1.0, show_default=True,
               help="Largest / smallest class size.")
@@ -127,6 +132,8 @@ def simulate(out_dir: str, **options: Any) -> None:
     from .simulate import SimulationConfig, simulate_dataset
 
     setup_logging()
+    pdb_files = options.pop("pdb_files")
+    options["pdb_files"] = tuple(p for p in (pdb_files or "").split(",") if p)
     result = simulate_dataset(SimulationConfig(**options), out_dir)
     click.echo(f"particles: {result.star_path}\ntruth: {result.truth_path}")
 

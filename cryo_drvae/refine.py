@@ -184,11 +184,13 @@ class Refiner:
         refs[stats.weights <= 0] = 0.0
         return refs
 
-    def expectation(self, refs: torch.Tensor, log_prior: torch.Tensor,
-                    soft_statistics: bool = True) -> tuple[NDArray, NDArray, Statistics | None]:
+    def expectation(self, refs: torch.Tensor, log_prior: torch.Tensor, soft_statistics: bool = True,
+                    others: NDArray | None = None) -> tuple[NDArray, NDArray, Statistics | None]:
         """Class log-likelihoods ``(n, K)`` (poses marginalised), best pose per class and soft statistics.
 
         One streaming pass over this rank's particles; statistics are summed over ranks.
+        ``others`` ``(n,)``: log-sum over classes not in ``refs`` of likelihood x prior, for a
+        partial E-step (the responsibilities of ``refs`` then share each particle with them).
         """
         k, p = refs.shape[0], self.grid.n_poses
         templates = self.op.forward(refs) / self.ws.noise_var                # (K, P, M)
@@ -215,7 +217,11 @@ class Refiner:
             within = spread.sum(2)
             class_ll = best + within.log() + offset                          # (c, K), poses marginalised
             if soft_statistics:
-                resp = torch.softmax(class_ll + prior[None], dim=1)          # (c, K)
+                joint = class_ll + prior[None]
+                norm = torch.logsumexp(joint, dim=1)
+                if others is not None:
+                    norm = torch.logaddexp(norm, torch.from_numpy(others[part]).to(norm))
+                resp = torch.exp(joint - norm[:, None])                      # (c, K)
                 post = spread.mul_((resp / within).unsqueeze(2))             # (c, K, P), sums to 1
                 sums += post.reshape(len(chunk), -1).t() @ chunk
                 ctf2_sums += resp.t() @ ctf2
@@ -245,8 +251,32 @@ class Refiner:
             new_refs = lowpass(new_refs, max_shell) * self.solvent_mask
         k = refs.shape[0]
         floor = self.cfg.balance if floor is None else floor
-        prior = np.maximum(class_share, floor / k)
-        return EMState(new_refs, np.log(prior / prior.sum()), loglik, best_pose)
+        return EMState(new_refs, floored_log_prior(class_share, floor / k), loglik, best_pose)
+
+    def partial_em_step(self, state: EMState, classes: list[int], max_shell: float | None = None) -> EMState:
+        """An EM step for ``classes`` only, the other references held fixed (split-and-merge moves).
+
+        ``state`` must hold the log-likelihoods of all its references; one pass over the data
+        scores just the chosen ones, so the step costs ``len(classes) / K`` of a full one.
+        """
+        loglik, best_pose = state.loglik.copy(), state.best_pose.copy()
+        chosen = np.asarray(classes)
+        rest = np.setdiff1d(np.arange(state.refs.shape[0]), chosen)
+        joint_rest = loglik[:, rest].astype(np.float64) + state.log_prior[rest][None]
+        top = joint_rest.max(1, keepdims=True)
+        others = (top[:, 0] + np.log(np.exp(joint_rest - top).sum(1))).astype(np.float32)
+        sub_ll, sub_pose, stats = self.expectation(state.refs[chosen], torch.from_numpy(state.log_prior[chosen]).float(),
+                                                   others=others)
+        loglik[:, chosen], best_pose[:, chosen] = sub_ll, sub_pose
+        post = posterior(loglik, state.log_prior)
+        stats.weights = self.comm.sum(torch.from_numpy(post[:, chosen].sum(0, dtype=np.float64)))
+        new_refs = state.refs.clone()
+        fresh = self.references(stats)
+        if max_shell is not None and max_shell < self.ws.box_size // 2:
+            fresh = lowpass(fresh, max_shell) * self.solvent_mask
+        new_refs[torch.from_numpy(chosen)] = fresh
+        share = self.comm.sum(torch.from_numpy(post.sum(0, dtype=np.float64))).numpy()
+        return EMState(new_refs, floored_log_prior(share / share.sum(), 0.0), loglik, best_pose)
 
     def bsk_step(self, refs: torch.Tensor, log_prior: NDArray) -> tuple[Assignment, EMState]:
         """One BSK-means++ step in the likelihood metric.
@@ -264,8 +294,7 @@ class Refiner:
         new_refs = self.references(self.statistics_from_labels(assignment.labels[mine], assignment.pose[mine]))
         k = self.cfg.n_classes
         sizes = np.bincount(assignment.labels, minlength=k) / len(assignment.labels)
-        prior = np.maximum(sizes, self.cfg.balance / k)
-        return assignment, EMState(new_refs, np.log(prior / prior.sum()), loglik, best_pose)
+        return assignment, EMState(new_refs, floored_log_prior(sizes, self.cfg.balance / k), loglik, best_pose)
 
     def assign(self, state: EMState) -> Assignment:
         """BSK balanced hard labels from an E-step's class log-likelihoods and priors."""
@@ -276,6 +305,20 @@ class Refiner:
         rows = np.arange(n)
         confidence = posterior(state.loglik, state.log_prior)[rows, labels]
         return Assignment(labels, state.best_pose[rows, labels].astype(np.int64), cost[rows, labels], confidence)
+
+
+def floored_log_prior(shares: NDArray, floor: float) -> NDArray:
+    """Normalised log class priors with every share at least ``floor`` (and never 0: a class that
+    lost all its members keeps a finite cost, so it can be re-seeded)."""
+    prior = np.maximum(np.nan_to_num(shares, nan=0.0), max(floor, 1e-6 / max(len(shares), 1)))
+    return np.log(prior / prior.sum())
+
+
+def total_log_likelihood(state: EMState) -> float:
+    """log p(data | references, priors), poses and classes marginalised, from an E-step's results."""
+    joint = state.loglik.astype(np.float64) + state.log_prior[None]
+    top = joint.max(1)
+    return float(np.sum(top + np.log(np.exp(joint - top[:, None]).sum(1))))
 
 
 def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:

@@ -51,6 +51,7 @@ falls back to the STAR file's own folder).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -69,14 +70,18 @@ from tqdm import tqdm
 from .ctf import CtfParams, ctf_images
 from .errors import ConfigError
 from .io_utils import atomic_path
+from .structures import AtomicModel, read_atomic_model
 
 logger = logging.getLogger(__name__)
 
 ATOMS_PER_SHAPE = 400
+MODEL_ATOM_SIGMA = 2.0          # Å, atom blur for atomic models (a B-factor-like envelope)
+MODEL_BOX_FRACTION = 0.65       # automatic pixel size: the largest model spans this much of the box
 ATOM_SIGMA_FRACTION = 0.035     # atom Gaussian sigma as a fraction of the particle diameter
 MAX_ASTIGMATISM = 1000.0        # Å, |defocus_u - defocus_v| is uniform in [0, this]
 RENDER_PADDING = 1.5            # render and apply the CTF on a box this many times larger
 RENDER_BATCH = 128              # particles rendered at once (memory ~ batch x atoms x box)
+RENDER_FLOATS = 40_000_000      # at most this many floats per atom-profile array
 MICROGRAPH_SIZE = 4096          # px, range of the fake pick coordinates
 STAR_VERSION_LINE = "# version 30001"
 
@@ -109,9 +114,19 @@ class SimulationConfig:
     particles_per_stack: int = 500
     relion30: bool = False              # RELION 3.0 STAR: one block, per-row optics, rlnOriginX/Y px
     seed: int = 0
+    pdb_files: tuple[str, ...] = ()     # atomic models (PDB/mmCIF); one shape each instead of blobs
+    view_jitter_deg: float | None = None  # sd of each particle's tilt off its view; None: 2 (models), 0 (blobs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defocus_range", tuple(float(v) for v in self.defocus_range))
+        object.__setattr__(self, "pdb_files", tuple(str(p) for p in self.pdb_files))
+        if self.pdb_files:
+            object.__setattr__(self, "n_shapes", len(self.pdb_files))
+            if self.pixel_size == 0:
+                object.__setattr__(self, "pixel_size", auto_pixel_size(self.pdb_files, self.box_size))
+        if self.view_jitter_deg is None:
+            object.__setattr__(self, "view_jitter_deg", 2.0 if self.pdb_files else 0.0)
+        _require(self.view_jitter_deg >= 0, f"simulation.view_jitter_deg must be >= 0, got {self.view_jitter_deg}")
         _require(self.n_classes >= 1, f"simulation.n_classes must be >= 1, got {self.n_classes}")
         _require(self.n_shapes >= 1, f"simulation.n_shapes must be >= 1, got {self.n_shapes}")
         _require(self.n_classes % self.n_shapes == 0,
@@ -135,6 +150,10 @@ class SimulationConfig:
                  f"simulation.defocus_range must be (low, high) with {MAX_ASTIGMATISM / 2} < low "
                  f"<= high Å, got {self.defocus_range}")
         box_angstrom = self.box_size * self.pixel_size
+        for path in self.pdb_files:
+            size = cached_model(path).diameter
+            _require(size < box_angstrom, f"{path}: the model is {size:.0f} Å across but the box is "
+                     f"{box_angstrom:.0f} Å; use a larger --box or --angpix (0 = automatic)")
         _require(0 <= self.particle_diameter < box_angstrom,
                  f"simulation.particle_diameter must be in [0, box_size x pixel_size = "
                  f"{box_angstrom:g}) Å, got {self.particle_diameter}")
@@ -148,8 +167,20 @@ class SimulationConfig:
 
     @property
     def diameter(self) -> float:
-        """Particle diameter in Å, with the default resolved."""
-        return self.particle_diameter or 0.6 * self.box_size * self.pixel_size
+        """Particle diameter in Å, with the default resolved (atomic models: the largest one's)."""
+        if self.particle_diameter:
+            return self.particle_diameter
+        if self.pdb_files:
+            return min(max(cached_model(p).diameter for p in self.pdb_files) + 4 * self.atom_sigma,
+                       0.95 * self.box_size * self.pixel_size)
+        return 0.6 * self.box_size * self.pixel_size
+
+    @property
+    def atom_sigma(self) -> float:
+        """Å, standard deviation of each atom's Gaussian."""
+        if self.pdb_files:
+            return max(MODEL_ATOM_SIGMA, 0.7 * self.pixel_size)
+        return ATOM_SIGMA_FRACTION * self.diameter
 
     @property
     def views_per_shape(self) -> int:
@@ -177,21 +208,44 @@ class SimulatedSet:
 
 @dataclass(frozen=True)
 class Scene:
-    """Everything that fixes the clean images: each class's projected atoms.
+    """Everything that fixes the clean images: each shape's atoms and each class's view.
 
     Attributes
     ----------
-    class_xy : ndarray, shape (n_classes, n_atoms, 2)
-        Atom positions ``(x, y)`` in px from the box centre at psi = 0, no shift.
-    class_weights : ndarray, shape (n_classes, n_atoms)
+    shape_coords : ndarray, shape (n_shapes, n_atoms, 3)
+        Atom positions in px from the shape's centre; shapes with fewer atoms are padded.
+    shape_weights : ndarray, shape (n_shapes, n_atoms)
         Atom masses; 0 pads shapes with fewer atoms.
+    class_shape : ndarray, shape (n_classes,)
+        Shape (0-based) each class is a view of.
+    class_rotation : ndarray, shape (n_classes, 3, 3)
+        Rotation taking the class's view direction onto +z, the projection axis.
     sigma_px : float
         Standard deviation of every atom's Gaussian, px.
     """
 
-    class_xy: NDArray[np.float32]
-    class_weights: NDArray[np.float32]
+    shape_coords: NDArray[np.float32]
+    shape_weights: NDArray[np.float32]
+    class_shape: NDArray[np.int64]
+    class_rotation: NDArray[np.float64]
     sigma_px: float
+
+    @property
+    def reach_px(self) -> float:
+        """Largest distance of an atom from its shape's centre, px."""
+        return float(np.linalg.norm(self.shape_coords, axis=-1).max())
+
+
+@functools.lru_cache(maxsize=16)
+def cached_model(path: str) -> AtomicModel:
+    """Atomic models are read once per process (configs and scenes both need them)."""
+    return read_atomic_model(path)
+
+
+def auto_pixel_size(pdb_files: tuple[str, ...], box_size: int) -> float:
+    """Å/px at which the largest model spans ``MODEL_BOX_FRACTION`` of the box (as picked and extracted)."""
+    size = max(cached_model(p).diameter for p in pdb_files) + 4 * MODEL_ATOM_SIGMA
+    return round(size / (MODEL_BOX_FRACTION * box_size), 2)
 
 
 # --------------------------------------------------------------------------- 3D models and views
@@ -271,42 +325,57 @@ def view_rotation(direction: NDArray) -> NDArray:
 
 
 def build_scene(cfg: SimulationConfig) -> Scene:
-    """Projected atoms of every class, all from ``cfg.seed`` (same seed, same scene)."""
+    """Atoms and views of every class, all from ``cfg.seed`` (same seed, same scene)."""
     streams = _rng_streams(cfg.seed)
     radius = cfg.diameter / 2
-    sigma = ATOM_SIGMA_FRACTION * cfg.diameter
-    class_xy, class_weights = [], []
-    for _ in range(cfg.n_shapes):
-        coords, weights = build_shape(streams["shapes"], radius, atom_sigma=sigma)
-        for direction in choose_view_directions(cfg.views_per_shape, streams["views"]):
-            class_xy.append((coords @ view_rotation(direction).T)[:, :2] / cfg.pixel_size)
-            class_weights.append(weights)
-    n_atoms = max(len(w) for w in class_weights)
-    xy = np.zeros((cfg.n_classes, n_atoms, 2), dtype=np.float32)
-    w = np.zeros((cfg.n_classes, n_atoms), dtype=np.float32)
-    for k, (c, m) in enumerate(zip(class_xy, class_weights)):
-        xy[k, :len(m)], w[k, :len(m)] = c, m
-    return Scene(xy, w, float(sigma / cfg.pixel_size))
+    shapes, rotations = [], []
+    for s in range(cfg.n_shapes):
+        if cfg.pdb_files:
+            model = cached_model(cfg.pdb_files[s])
+            coords, weights = model.coords, model.weights
+        else:
+            coords, weights = build_shape(streams["shapes"], radius, atom_sigma=cfg.atom_sigma)
+        shapes.append((coords / cfg.pixel_size, weights))
+        rotations += [view_rotation(d) for d in choose_view_directions(cfg.views_per_shape, streams["views"])]
+    n_atoms = max(len(w) for _, w in shapes)
+    xyz = np.zeros((cfg.n_shapes, n_atoms, 3), dtype=np.float32)
+    w = np.zeros((cfg.n_shapes, n_atoms), dtype=np.float32)
+    for s, (c, m) in enumerate(shapes):
+        xyz[s, :len(m)], w[s, :len(m)] = c, m
+    class_shape = np.arange(cfg.n_classes) // cfg.views_per_shape
+    return Scene(xyz, w, class_shape, np.stack(rotations), float(cfg.atom_sigma / cfg.pixel_size))
 
 
-# --------------------------------------------------------------------------- rendering
+def jitter_rotations(n: int, sd_deg: float, rng: np.random.Generator) -> NDArray | None:
+    """``n`` small random rotations (angle ~ N(0, sd) about a uniform axis), or None for sd 0."""
+    if sd_deg <= 0:
+        return None
+    axis = rng.normal(size=(n, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    return Rotation.from_rotvec(axis * np.deg2rad(rng.normal(0.0, sd_deg, (n, 1)))).as_matrix()
+
 
 def render_projections(scene: Scene, classes: NDArray, psi_deg: NDArray, shifts_px: NDArray,
-                       size: int) -> NDArray[np.float32]:
+                       size: int, jitter: NDArray | None = None) -> NDArray[np.float32]:
     """Noise-free, CTF-free projections, shape (n, size, size), centre at ``size // 2``.
 
-    ``classes`` are 0-based. Each image is a sum of Gaussians sampled at pixel centres: per atom
-    an outer product of a row and a column profile, i.e. a batched ``G_y^T diag(w) G_x``.
+    ``classes`` are 0-based; ``jitter`` (n, 3, 3) tilts each particle off its class's view first.
+    Each image is a sum of Gaussians sampled at pixel centres: per atom an outer product of a
+    row and a column profile, i.e. a batched ``G_y^T diag(w) G_x``.
     """
+    rotation = scene.class_rotation[classes][:, :2]                              # (n, 2, 3)
+    if jitter is not None:
+        rotation = rotation @ jitter
+    atoms = scene.shape_coords[scene.class_shape[classes]].astype(np.float64)    # (n, atoms, 3)
+    x0, y0 = np.einsum("naj,nij->nai", atoms, rotation).transpose(2, 0, 1)       # (n, atoms) each
     psi = np.deg2rad(np.asarray(psi_deg, dtype=np.float64))
     cos, sin = np.cos(psi)[:, None], np.sin(psi)[:, None]
-    x0, y0 = scene.class_xy[classes, :, 0], scene.class_xy[classes, :, 1]
     x = (cos * x0 - sin * y0 + shifts_px[:, :1]).astype(np.float32)
     y = (sin * x0 + cos * y0 + shifts_px[:, 1:]).astype(np.float32)
     grid = np.arange(size, dtype=np.float32) - size // 2
     gx = _gaussian_profiles(grid[None, None, :] - x[:, :, None], scene.sigma_px)    # (n, atoms, size)
     gy = _gaussian_profiles(grid[None, :, None] - y[:, None, :], scene.sigma_px)    # (n, size, atoms)
-    gy *= scene.class_weights[classes][:, None, :]
+    gy *= scene.shape_weights[scene.class_shape[classes]][:, None, :]
     return torch.bmm(torch.from_numpy(gy), torch.from_numpy(gx)).numpy()   # numpy's stacked matmul is far slower
 
 
@@ -331,7 +400,7 @@ def apply_ctf(images: NDArray, ctf: CtfParams, pixel_size: float) -> NDArray[np.
 
 
 def render_signal(scene: Scene, cfg: SimulationConfig, classes: NDArray, psi_deg: NDArray,
-                  shifts_px: NDArray, ctf: CtfParams) -> NDArray[np.float32]:
+                  shifts_px: NDArray, ctf: CtfParams, jitter: NDArray | None = None) -> NDArray[np.float32]:
     """CTF-modulated, noise-free particles, shape (n, box, box), before normalisation.
 
     Rendered on a box ``RENDER_PADDING`` times wider, so that most of the CTF's delocalised signal
@@ -342,7 +411,7 @@ def render_signal(scene: Scene, cfg: SimulationConfig, classes: NDArray, psi_deg
     images = np.zeros((len(classes), padded, padded), dtype=np.float32)
     start = padded // 2 - support // 2
     images[:, start:start + support, start:start + support] = render_projections(
-        scene, classes, psi_deg, shifts_px, support)
+        scene, classes, psi_deg, shifts_px, support, jitter)
     images = apply_ctf(images, ctf, cfg.pixel_size)
     start = padded // 2 - cfg.box_size // 2
     return images[:, start:start + cfg.box_size, start:start + cfg.box_size]
@@ -353,7 +422,7 @@ def render_support(scene: Scene, max_shift_px: float, limit: int) -> int:
 
     Rendering only there, not on the whole padded box, saves most of the work.
     """
-    reach = np.linalg.norm(scene.class_xy, axis=-1).max() + max_shift_px + 5 * scene.sigma_px
+    reach = scene.reach_px + max_shift_px + 5 * scene.sigma_px
     return min(limit, 2 * int(np.ceil(reach)) + 2)
 
 
@@ -427,10 +496,13 @@ def render_particles(scene: Scene, cfg: SimulationConfig, truth: pd.DataFrame,
     """Final particle images for the rows of ``truth``, shape (n, box, box), normalised."""
     radius_px = cfg.diameter / 2 / cfg.pixel_size
     out = np.empty((len(truth), cfg.box_size, cfg.box_size), dtype=np.float32)
-    for start in range(0, len(truth), RENDER_BATCH):
-        rows = truth.iloc[start:start + RENDER_BATCH]
+    support = render_support(scene, cfg.max_shift_px, 2 * cfg.box_size)
+    batch = int(np.clip(RENDER_FLOATS // (scene.shape_coords.shape[1] * support), 4, RENDER_BATCH))
+    for start in range(0, len(truth), batch):
+        rows = truth.iloc[start:start + batch]
+        jitter = jitter_rotations(len(rows), cfg.view_jitter_deg, rng)
         signal = render_signal(scene, cfg, rows["class"].to_numpy() - 1, rows["psi_deg"].to_numpy(),
-                               rows[["shift_x_px", "shift_y_px"]].to_numpy(), ctf_from_truth(rows, cfg))
+                               rows[["shift_x_px", "shift_y_px"]].to_numpy(), ctf_from_truth(rows, cfg), jitter)
         out[start:start + len(rows)] = normalise_background(add_noise(signal, cfg.snr, rng), radius_px)
     return out
 

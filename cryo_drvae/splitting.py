@@ -16,6 +16,7 @@ onto noise.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -25,9 +26,12 @@ from numpy.typing import NDArray
 
 from .alignment import circular_mask, transform_images
 from .errors import AbortRequested
-from .refine import EMState, Refiner, lowpass, posterior
+from .refine import EMState, Refiner, lowpass, posterior, total_log_likelihood
 
 logger = logging.getLogger(__name__)
+
+MOVE_SPLIT_FRACTION = 0.5   # split moves separate members on this fraction of the reference resolution
+PRIOR_FLOOR = 1e-6      # a class given no weight keeps a finite log-prior (it may be re-seeded)
 
 
 def aligned_members(ref: Refiner, members: NDArray, pose: NDArray, max_shell: float) -> torch.Tensor:
@@ -119,9 +123,18 @@ def two_means(x: torch.Tensor, vt: torch.Tensor, n_iter: int = 10) -> NDArray:
     return side
 
 
-def split_classes(ref: Refiner, state: EMState, max_shell: float, split_shell: float,
-                  n_splits: int = 1) -> EMState:
-    """Split the ``n_splits`` classes of ``state`` whose members the class model explains worst, in two."""
+@dataclass
+class SplitCandidate:
+    """A class whose members the class model explains badly, with the 2-means halves of its members."""
+
+    score: float                 # excess top eigenvalue over the noise edge, times the class size
+    index: int                   # the class
+    members: NDArray             # its particles
+    side: NDArray                # (m,) bool: which half each member goes to
+
+
+def split_candidates(ref: Refiner, state: EMState, split_shell: float) -> list[SplitCandidate]:
+    """Every class with enough members, scored for a split, most heterogeneous first."""
     k = state.refs.shape[0]
     labels = posterior(state.loglik, state.log_prior).argmax(1)
     box = ref.ws.box_size
@@ -138,29 +151,49 @@ def split_classes(ref: Refiner, state: EMState, max_shell: float, split_shell: f
             continue
         x = member_residuals(ref, members, state.best_pose[members, j], state.refs[j], split_shell)
         score, vt = split_score(x, ref.ws.noise_var, d_eff)
-        candidates.append((score, j, x, vt, members))
-    candidates.sort(key=lambda c: -c[0])
-    refs, prior = state.refs, np.exp(state.log_prior)
+        candidates.append(SplitCandidate(score, j, members, two_means(x, vt)))
+    candidates.sort(key=lambda c: -c.score)
+    return candidates
+
+
+def apply_split(ref: Refiner, state: EMState, candidate: SplitCandidate, max_shell: float,
+                slot: int | None = None) -> EMState:
+    """``state`` with ``candidate``'s class replaced by its first half and the second half in
+    ``slot`` (a class given up), or appended as a new class when ``slot`` is None."""
+    j, members, side = candidate.index, candidate.members, candidate.side
+    halves = ref.references(ref.statistics_from_labels(side.astype(np.int64), state.best_pose[members, j],
+                                                       n_classes=2, members=members))
+    halves = lowpass(halves, max_shell) * ref.solvent_mask
+    refs, prior = state.refs.clone(), np.exp(state.log_prior)
+    frac = float(side.mean())
+    if slot is None:
+        refs = torch.cat([refs, halves[1:]], 0)
+        prior = np.append(prior, prior[j] * frac)
+    else:
+        refs[slot] = halves[1]
+        prior[slot] = prior[j] * frac
+    refs[j] = halves[0]
+    prior[j] *= 1 - frac
+    prior = np.maximum(prior, PRIOR_FLOOR)
+    return EMState(refs, np.log(prior / prior.sum()), state.loglik, state.best_pose)
+
+
+def split_classes(ref: Refiner, state: EMState, max_shell: float, split_shell: float,
+                  n_splits: int = 1) -> EMState:
+    """Split the ``n_splits`` classes of ``state`` whose members the class model explains worst, in two."""
+    candidates = split_candidates(ref, state, split_shell)
     if not candidates:                 # too few particles to split: duplicate the likeliest class
+        prior = np.exp(state.log_prior)
         j = int(np.argmax(prior))
         prior = np.append(prior, prior[j] / 2)
         prior[j] /= 2
-        return EMState(torch.cat([refs, refs[j:j + 1]], 0), np.log(prior / prior.sum()),
+        return EMState(torch.cat([state.refs, state.refs[j:j + 1]], 0), np.log(prior / prior.sum()),
                        state.loglik, state.best_pose)
-    for score, j, x, vt, members in candidates[:n_splits]:
-        side = two_means(x, vt)
-        halves = ref.references(ref.statistics_from_labels(side.astype(np.int64), state.best_pose[members, j],
-                                                           n_classes=2, members=members))
-        halves = lowpass(halves, max_shell) * ref.solvent_mask
-        refs = torch.cat([refs, halves[1:]], 0)
-        refs[j] = halves[0]
-        frac = float(side.mean())
-        prior = np.append(prior, prior[j] * frac)
-        prior[j] *= (1 - frac)
-        logger.debug("split class %d (%d members, score %.3g; class:size:score %s) into %d + %d", j,
-                     len(members), score, " ".join(f"{c[1]}:{len(c[4])}:{c[0]:.3g}" for c in candidates),
-                     int((~side).sum()), int(side.sum()))
-    return EMState(refs, np.log(prior / prior.sum()), state.loglik, state.best_pose)
+    logger.debug("split scores (class:size:score) %s",
+                 " ".join(f"{c.index}:{len(c.members)}:{c.score:.3g}" for c in candidates))
+    for candidate in candidates[:n_splits]:
+        state = apply_split(ref, state, candidate, max_shell)
+    return state
 
 
 def splits_per_stage(k: int) -> int:
@@ -198,14 +231,97 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
             break
         state = split_classes(ref, state, shell, shell, min(splits_per_stage(k), n_classes - k))
         k = state.refs.shape[0]
-    # the last split has had only ``rounds_per_split`` steps: let EM settle at the final resolution
+    state = settle(ref, state, shell_end, settle_rounds, settle_tolerance)
+    moved = improve_by_moves(ref, state, shell_end, should_abort=should_abort)
+    if moved is not state:
+        moved = settle(ref, moved, shell_end, settle_rounds, settle_tolerance)
+    return moved
+
+
+def settle(ref: Refiner, state: EMState, shell: float, max_steps: int, tolerance: float) -> EMState:
+    """EM steps until fewer than ``tolerance`` of the labels change (at most ``max_steps``)."""
     labels = posterior(state.loglik, state.log_prior).argmax(1)
-    for step in range(settle_rounds):
-        state = ref.em_step(state.refs, state.log_prior, shell_end, floor=0.0)
+    for step in range(max_steps):
+        state = ref.em_step(state.refs, state.log_prior, shell, floor=0.0)
         new = posterior(state.loglik, state.log_prior).argmax(1)
         changed = float(np.mean(new != labels))
         labels = new
         logger.info("settling EM step %d: %.1f%% of labels changed", step + 1, 100 * changed)
-        if changed < settle_tolerance:
+        if changed < tolerance:
             break
     return state
+
+
+def deletion_costs(state: EMState) -> NDArray:
+    """Per class, the log-likelihood lost if its members went to their next most likely class.
+
+    Near 0 for an empty class or one that duplicates a neighbour: the cheapest slot to re-seed.
+    """
+    joint = state.loglik.astype(np.float64) + state.log_prior[None]
+    labels = joint.argmax(1)
+    second = np.partition(joint, -2, axis=1)[:, -2] if joint.shape[1] > 1 else joint[:, 0] - np.inf
+    loss = joint[np.arange(len(joint)), labels] - second
+    return np.bincount(labels, weights=loss, minlength=joint.shape[1])
+
+
+def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int = 6, max_trials: int = 0,
+                     patience: int = 4, should_abort: Callable[[], bool] = lambda: False) -> EMState:
+    """Split-and-merge moves at fixed K, each kept only if the total likelihood rises.
+
+    A move gives up the class whose members are best explained elsewhere (an empty class, or one
+    half of a view that was split) and uses its slot for one half of the most heterogeneous
+    class (two views merged); ``em_steps`` EM steps later the marginal likelihood of all the data
+    decides. This escapes the merged-and-split states that EM alone cannot leave.
+    """
+    k = state.refs.shape[0]
+    if k < 2:
+        return state
+    max_trials = max_trials or 2 * k + 4
+    split_shell = MOVE_SPLIT_FRACTION * shell   # two merged views differ most at low resolution
+    best = total_log_likelihood(state)
+    rejected: set[tuple[int, int]] = set()
+    trials = failures = 0
+    while trials < max_trials and failures < patience:
+        move = next_move(ref, state, split_shell, rejected)
+        if move is None:
+            break
+        slot, candidate = move
+        proposal = apply_split(ref, state, candidate, shell, slot=slot)
+        for _ in range(em_steps):
+            proposal = ref.partial_em_step(proposal, [slot, candidate.index], shell)
+        trials += 1
+        value = total_log_likelihood(proposal)
+        kept = value > best
+        logger.info("move %d: class %d re-seeded from a split of class %d (%d members): "
+                    "log-likelihood %+.1f, %s", trials, slot + 1, candidate.index + 1,
+                    len(candidate.members), value - best, "kept" if kept else "undone")
+        if kept:
+            state, best, failures = proposal, value, 0
+            rejected.clear()
+        else:
+            rejected.add((slot, candidate.index))
+            failures += 1
+        if should_abort():
+            raise AbortRequested("abort requested during split-and-merge moves")
+    return state
+
+
+def next_move(ref: Refiner, state: EMState, shell: float, rejected: set[tuple[int, int]],
+              width: int = 3) -> tuple[int, SplitCandidate] | None:
+    """The untried (slot, split) pair with the largest predicted gain among the ``width`` best of each."""
+    costs = deletion_costs(state)
+    scored = split_candidates(ref, state, shell)
+    # the most heterogeneous classes, and the largest (at low SNR two merged views may not
+    # stand out of the noise edge, but their class is about twice the size)
+    by_size = sorted(scored, key=lambda c: -len(c.members))
+    splits = list({c.index: c for c in scored[:width] + by_size[:width]}.values())
+    best, choice = -np.inf, None
+    for candidate in splits:
+        gain = 0.5 * max(candidate.score, 0.0) / ref.ws.noise_var
+        for slot in np.argsort(costs)[:width]:
+            slot = int(slot)
+            if slot == candidate.index or (slot, candidate.index) in rejected:
+                continue
+            if gain - costs[slot] > best:
+                best, choice = gain - costs[slot], (slot, candidate)
+    return choice

@@ -11,7 +11,8 @@ import pytest
 import starfile
 from scipy.ndimage import map_coordinates, rotate
 
-from cryo_drvae.errors import ConfigError
+from cryo_drvae.errors import ConfigError, InputFileError
+from cryo_drvae.structures import read_atomic_model
 from cryo_drvae.simulate import (SimulationConfig, background_mask, build_scene, class_sizes,
                                  ctf_from_truth, render_projections, render_signal, simulate_dataset)
 
@@ -152,11 +153,11 @@ def test_templates_of_different_classes_differ_under_rotation(sim):
 
 def test_shapes_make_distinct_structures():
     scene = build_scene(SimulationConfig(n_classes=4, n_shapes=2, n_particles=8, box_size=32, pixel_size=6.0))
-    # classes 0, 1 are shape 1 and 2, 3 shape 2: different atom masses, same size
-    assert not np.allclose(scene.class_weights[0], scene.class_weights[2])
-    np.testing.assert_allclose(scene.class_weights[0], scene.class_weights[1])
+    # classes 0, 1 are shape 1 and 2, 3 shape 2: different atoms, same size
+    assert list(scene.class_shape) == [0, 0, 1, 1]
+    assert not np.allclose(scene.shape_weights[0], scene.shape_weights[1])
     # both fit the particle radius (0.6 x 32 px / 2 = 9.6 px) and fill a good part of it
-    radius = [np.linalg.norm(scene.class_xy[k], axis=-1).max() for k in range(4)]
+    radius = [np.linalg.norm(scene.shape_coords[s], axis=-1).max() for s in range(2)]
     assert all(4.0 < r < 9.6 for r in radius)
 
 
@@ -180,3 +181,38 @@ def test_relion30_mode_writes_one_block_with_per_row_optics(tmp_path):
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"simulation.{field}"):
         SimulationConfig(**{field: value})
+
+
+STRUCTURES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "structures"
+needs_structures = pytest.mark.skipif(not (STRUCTURES / "1hvr.pdb").exists(), reason="no ../shared structures")
+
+
+@needs_structures
+def test_atomic_model_reads_pdb_and_mmcif_assemblies():
+    small = read_atomic_model(STRUCTURES / "1hvr.pdb")
+    large = read_atomic_model(STRUCTURES / "3KPR.cif.gz")
+    # the protease dimer (2 x 99 residues) and one TCR-HLA complex of the two in the asymmetric unit
+    assert 1400 < len(small.weights) < 1600 and 6000 < len(large.weights) < 7500
+    assert set(np.unique(small.weights)) <= {6.0, 7.0, 8.0, 16.0}
+    np.testing.assert_allclose(np.average(large.coords, axis=0, weights=large.weights), 0.0, atol=1e-6)
+    assert 55 < small.diameter < 70 and 130 < large.diameter < 160
+
+
+@needs_structures
+def test_pdb_mode_projects_the_model_with_jitter(tmp_path):
+    cfg = SimulationConfig(n_classes=4, n_particles=40, box_size=32, pixel_size=0.0, snr=100.0,
+                           pdb_files=(str(STRUCTURES / "1hvr.pdb"),), seed=3)
+    assert cfg.n_shapes == 1 and cfg.view_jitter_deg == 2.0
+    assert 0.55 < read_atomic_model(STRUCTURES / "1hvr.pdb").diameter / (32 * cfg.pixel_size) < 0.7
+    sim = simulate_dataset(cfg, tmp_path)
+    images = mrcfile.read(sim.stack_paths[0])
+    templates = mrcfile.read(sim.templates_path)
+    assert images.shape == (40, 32, 32) and np.isfinite(images).all()
+    # views of one real protein differ, but far less than random images do
+    corr = np.corrcoef(templates.reshape(4, -1))
+    assert 0.2 < corr[np.triu_indices(4, 1)].mean() < 0.99
+
+
+def test_missing_model_is_one_clear_error(tmp_path):
+    with pytest.raises(InputFileError, match="atomic model not found"):
+        SimulationConfig(pdb_files=(str(tmp_path / "nope.pdb"),))
