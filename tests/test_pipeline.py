@@ -150,3 +150,22 @@ def test_first_classes_from_a_subset_still_classify_everyone(small_set, tmp_path
     data = starfile.read(tmp_path / "run_data.star")["particles"]
     assert len(result.labels) == 240
     assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= 0.85
+
+
+def test_rounds_run_are_reported_and_the_first_change_is_measured(classified):
+    """The first round's 'changed' is against the first classes' labels (not 100 %), and the
+    run reports the rounds it actually ran (RELION's rlnCurrentIteration)."""
+    _, _, result = classified
+    history = result.result.history
+    rounds = [h for h in history if h["round"] > 0]
+    assert result.n_rounds == len(rounds) == rounds[-1]["round"]
+    assert rounds[0]["changed_fraction"] < 0.5          # a clean set: the first classes mostly hold
+    assert all(h["changed_fraction"] >= 0.01 for h in rounds[:-1])     # it ran on while not converged
+    assert result.n_rounds == 4 or rounds[-1]["changed_fraction"] < 0.01
+
+
+def test_changed_fraction_counts_only_particles_that_had_a_label():
+    from cryo_drvae.pipeline import changed_fraction
+    before = np.array([-1, 0, 1, 1, -1])
+    assert changed_fraction(before, np.array([2, 0, 1, 0, 2])) == pytest.approx(1 / 3)
+    assert changed_fraction(np.full(3, -1), np.zeros(3, int)) == 1.0
