@@ -121,13 +121,16 @@ def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> No
               help="Largest / smallest class size.")
 @click.option("--relion30", is_flag=True, help="Write a RELION 3.0-format STAR file.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--project_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="RELION project folder: image paths in particles.star are written relative to it, "
+                   "as RELION does (run RELION and classify from there).")
 @clean_errors
-def simulate(out_dir: str, **options: Any) -> None:
+def simulate(out_dir: str, project_dir: str, **options: Any) -> None:
     """Simulate particles with known classes: particles.star, Particles/*.mrcs, truth.csv."""
     from .simulate import SimulationConfig, simulate_dataset
 
     setup_logging()
-    result = simulate_dataset(SimulationConfig(**options), out_dir)
+    result = simulate_dataset(SimulationConfig(**options), out_dir, project_dir=project_dir)
     click.echo(f"particles: {result.star_path}\ntruth: {result.truth_path}")
 
 

@@ -135,12 +135,12 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
     ws: WorkingSet | None = None
     try:
         with timer("read"):
-            table = read_particles(cfg.data.particles_star)
+            table = read_particles(cfg.data.particles_star, pixel_size=cfg.data.pixel_size or None)
             check_class_count(table, cfg)
             stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
             ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
             pixel_size = single_pixel_size(table)
-            diameter = cfg.data.particle_diameter or 0.6 * stack.box_size * pixel_size
+            diameter = cfg.diameter_angst(stack.box_size, pixel_size)
             box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box)
             plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
             mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
