@@ -93,6 +93,12 @@ class ExtraArguments:
     not_needed: list[str] = field(default_factory=list)   # RELION flags accepted silently
     unknown: list[str] = field(default_factory=list)      # neither ours nor RELION's (or stray values)
 
+    def refuse_unknown(self, command: str = "cryo-drvae classify") -> None:
+        """Raise a ConfigError naming the unknown flags, if any."""
+        if self.unknown:
+            raise ConfigError(f"unknown option(s) {' '.join(self.unknown)}: neither a {command} option "
+                              f"nor a RELION relion_refine flag; see {command} --help")
+
     def report(self, strict: bool, command: str = "cryo-drvae classify") -> None:
         """Log the ignored flags; with ``strict``, raise for unknown ones, else warn."""
         if self.ignored:
@@ -101,9 +107,8 @@ class ExtraArguments:
             logger.warning("ignoring RELION option(s) with no equivalent in cryo-drvae: %s", "; ".join(notes))
         for flag in self.not_needed:
             logger.debug("%s accepted: %s", flag, NOT_NEEDED[flag.split()[0]][1])
-        if self.unknown and strict:
-            raise ConfigError(f"unknown option(s) {' '.join(self.unknown)}: neither a {command} option "
-                              f"nor a RELION relion_refine flag; see {command} --help")
+        if strict:
+            self.refuse_unknown(command)
         if self.unknown:
             logger.warning("ignoring argument(s) cryo-drvae does not know: %s", " ".join(self.unknown))
 
