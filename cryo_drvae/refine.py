@@ -191,7 +191,7 @@ class Refiner:
         One streaming pass over this rank's particles; statistics are summed over ranks.
         """
         k, p = refs.shape[0], self.grid.n_poses
-        templates = self.op.forward(refs) / self.ws.noise_var                # (K, P, M)
+        templates = self.op.forward(refs).div_(self.ws.noise_var)            # (K, P, M), one copy
         power = shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
                            self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
         n = len(self.weighted)
