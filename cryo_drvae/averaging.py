@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
+from .progress import bar as tqdm
 from .alignment import transform_images
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested

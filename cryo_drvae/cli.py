@@ -144,7 +144,9 @@ def classify(ctx: click.Context, verbose: bool, gpu: str | None, no_ctf: bool, d
         check_outputs_writable(cfg.output_prefix)   # before the log file is created there
     setup_logging(Path(f"{cfg.output_prefix}_run.log") if main_rank else None, verbose)
     extra.report(strict=True)            # the ignored RELION flags, into the log too
-    result = run(cfg)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm([logging.getLogger("cryo_drvae")]):   # log lines above the bars
+        result = run(cfg)
     for name, path in result.paths.items():
         click.echo(f"{name}: {path}")
 

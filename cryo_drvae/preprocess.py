@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
+from .progress import bar as tqdm
 from .alignment import circular_mask
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested

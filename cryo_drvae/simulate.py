@@ -65,8 +65,8 @@ import torch
 import yaml
 from numpy.typing import NDArray
 from scipy.spatial.transform import Rotation
-from tqdm import tqdm
 
+from .progress import bar as tqdm
 from .ctf import CtfParams, ctf_images
 from .errors import ConfigError
 from .io_utils import atomic_path

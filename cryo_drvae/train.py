@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from tqdm.auto import tqdm
 
+from .progress import bar as tqdm
 from .config import TrainConfig
 from .distributed import Comm
 from .errors import AbortRequested
