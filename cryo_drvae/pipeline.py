@@ -273,7 +273,7 @@ def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConf
     log_prior = comm.broadcast(torch.from_numpy(np.asarray(log_prior, np.float64))).numpy()
     sizes = np.bincount(labels, minlength=k)
     logger.info("initial classes: sizes %d-%d of %d particles", sizes.min(), sizes.max(), len(labels))
-    history = [{"round": 0, "changed_fraction": 1.0, "class_size_min": int(sizes.min()),
+    history = [{"round": 0, "class_size_min": int(sizes.min()),
                 "class_size_max": int(sizes.max())}]
     start = Assignment(labels, np.zeros_like(labels), np.zeros(len(labels)), np.zeros(len(labels)))
     return RoundState(0, start, references, log_prior, history,
@@ -394,7 +394,8 @@ def write_everything(cfg: RunConfig, table: ParticleTable, result: Classificatio
     """Pictures and config first, then the RELION outputs (data STAR last of all)."""
     prefix = cfg.output_prefix
     counts = np.bincount(result.labels, minlength=result.class_averages.shape[0])
-    paths = {"classes_png": plots.plot_class_gallery(result.class_averages, counts, f"{prefix}_classes.png"),
+    paths = {"classes_png": plots.plot_class_gallery(result.class_averages, counts, f"{prefix}_classes.png",
+                                                     result.class_resolution, result.pixel_size),
              "convergence_png": plots.plot_convergence(result.history, f"{prefix}_convergence.png")}
     config_path = Path(f"{prefix}_config.yaml")
     with atomic_path(config_path) as tmp:
