@@ -2,8 +2,19 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# TORCH=cpu (default): the CPU wheel from PyTorch's CPU index, no multi-GB CUDA download.
+# TORCH=cuda: PyPI's default Linux build (bundles CUDA). TORCH=cu126 (or cu128, rocm6.4, ...):
+# that build from PyTorch's index (https://pytorch.org/get-started/locally/ lists the tags).
+# The flavour a .venv was built with is remembered (.venv/.torch), so later targets keep it.
+TORCH ?= $(shell cat $(VENV)/.torch 2>/dev/null || echo cpu)
+TORCH_INDEX ?= https://download.pytorch.org/whl
+STAMP  := $(VENV)/.installed-$(TORCH)
+ifeq ($(TORCH),cuda)
+TORCH_PIP := torch==$(TORCH_VERSION)
+else
+TORCH_PIP := torch==$(TORCH_VERSION)+$(TORCH) --extra-index-url $(TORCH_INDEX)/$(TORCH)
+endif
 DEMO_DIR ?= demo_out
 JOBS ?= 2
 
@@ -12,9 +23,11 @@ JOBS ?= 2
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the pinned CPU torch first, so that nothing pulls a multi-GB CUDA build
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	# the pinned torch first (CPU unless TORCH=...), so that install_requires does not pull another build
+	if [ -f $(VENV)/.torch ] && [ "$$(cat $(VENV)/.torch)" != "$(TORCH)" ]; then $(PY) -m pip uninstall -y -q torch; fi
+	$(PY) -m pip install -q $(TORCH_PIP)
 	$(PY) -m pip install -q -e '.[test]'
+	echo $(TORCH) > $(VENV)/.torch
 	touch $(STAMP)
 
 install: $(STAMP)
