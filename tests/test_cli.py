@@ -230,3 +230,23 @@ def test_simulate_writes_image_paths_relative_to_the_project_folder(tmp_path, mo
     names = starfile.read("sets/sim/particles.star")["particles"]["rlnImageName"]
     assert names.iloc[0] == "000001@sets/sim/Particles/stack_001.mrcs"
     assert all(Path(name.split("@")[1]).is_file() for name in names)     # from the project folder
+
+
+def test_a_relion5_particles_star_classifies(tiny, tmp_path):
+    """RELION 5 Extract output: '# version 50001', rlnCtfDataAreCtfPremultiplied 0, extra columns."""
+    star = tiny / "particles.star"
+    blocks = starfile.read(star)
+    blocks["optics"]["rlnCtfDataAreCtfPremultiplied"] = 0
+    blocks["optics"]["rlnMicrographPixelSize"] = blocks["optics"]["rlnImagePixelSize"]
+    blocks["particles"]["rlnCtfMaxResolution"] = 4.5
+    blocks["particles"]["rlnCtfFigureOfMerit"] = 0.2
+    blocks["particles"]["rlnAutopickFigureOfMerit"] = 1.0
+    starfile.write(blocks, star, overwrite=True)
+    text = star.read_text()
+    star.write_text("\n".join("# version 50001" if line.startswith("# version") else line
+                              for line in text.splitlines()) + "\n")
+    result = classify(star, tmp_path / "out", "--j", "1")
+    assert result.exit_code == 0, result.output
+    out = starfile.read(tmp_path / "out" / "run_data.star")
+    assert out["optics"]["rlnCtfDataAreCtfPremultiplied"].tolist() == [0]
+    assert "rlnCtfMaxResolution" in out["particles"] and out["particles"]["rlnClassNumber"].between(1, 2).all()
