@@ -46,12 +46,18 @@ def bar(iterable=None, **kwargs):
 
 
 class WorkClock:
-    """Seconds left, from the time the finished steps took and the work of the steps still to come."""
+    """Seconds left: the work of the steps still to come at the pace of the last finished step.
+
+    The last step's pace, not the average since the start: in class growing the cost per class
+    rises with the number of classes (more templates than the caches hold), so the average of the
+    early, cheap steps would promise too little.
+    """
 
     def __init__(self, work: Sequence[float]) -> None:
         self.work = [float(w) for w in work]
         self.done = 0.0
-        self.started = time.perf_counter()
+        self.last_time = time.perf_counter()
+        self.pace: float | None = None       # seconds per unit of work, of the last step
 
     @property
     def total(self) -> float:
@@ -59,14 +65,17 @@ class WorkClock:
 
     def step_done(self, index: int) -> None:
         """Step ``index`` has finished (steps finish in order)."""
-        self.done = sum(self.work[:index + 1])
+        now = time.perf_counter()
+        done = sum(self.work[:index + 1])
+        if done > self.done:
+            self.pace = (now - self.last_time) / (done - self.done)
+        self.done, self.last_time = done, now
 
     def seconds_left(self) -> float | None:
         """Estimated seconds to finish all steps; None before the first has finished."""
-        if self.done <= 0:
+        if self.pace is None:
             return None
-        elapsed = time.perf_counter() - self.started
-        return elapsed / self.done * max(0.0, self.total - self.done)
+        return self.pace * max(0.0, self.total - self.done)
 
 
 def format_seconds(seconds: float | None) -> str:

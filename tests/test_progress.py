@@ -78,7 +78,7 @@ def test_growth_work_follows_the_split_schedule():
     assert work == [3.0] + [2.0 * k for k in ks[1:]] + [20.0] * 3
 
 
-def test_work_clock_scales_elapsed_time_by_the_work_left(monkeypatch):
+def test_work_clock_takes_the_pace_of_the_last_step(monkeypatch):
     now = [100.0]
     monkeypatch.setattr("cryo_drvae.progress.time.perf_counter", lambda: now[0])
     clock = WorkClock([1, 3, 6])
@@ -86,7 +86,7 @@ def test_work_clock_scales_elapsed_time_by_the_work_left(monkeypatch):
     now[0] = 102.0
     clock.step_done(0)
     assert clock.seconds_left() == pytest.approx(18.0)      # 2 s per unit, 9 units left
-    now[0] = 108.0
+    now[0] = 114.0
     clock.step_done(1)
-    assert clock.seconds_left() == pytest.approx(12.0)
+    assert clock.seconds_left() == pytest.approx(24.0)      # now 4 s per unit, 6 units left
     assert format_seconds(12.0) == "about 12 s left" and format_seconds(600) == "about 10 min left"
