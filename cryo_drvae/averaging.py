@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .progress import bar as tqdm
 from .alignment import transform_images
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
 from .preprocess import read_batch_size, shell_index, shell_mean
+from .progress import bar as tqdm
 from .stack import ParticleStack
 
 logger = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .progress import bar as tqdm
 from .alignment import circular_mask
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
+from .progress import bar as tqdm
 from .stack import ParticleStack
 from .store import RowStore
 

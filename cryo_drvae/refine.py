@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .progress import bar as tqdm
 from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
 from .averaging import wiener_filter
 from .preprocess import WorkingSet, rfft_weights, shell_index, shell_sum
+from .progress import bar as tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -66,10 +66,10 @@ import yaml
 from numpy.typing import NDArray
 from scipy.spatial.transform import Rotation
 
-from .progress import bar as tqdm
 from .ctf import CtfParams, ctf_images
 from .errors import ConfigError
 from .io_utils import atomic_path
+from .progress import bar as tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from .progress import bar as tqdm
 from .config import TrainConfig
 from .distributed import Comm
 from .errors import AbortRequested
 from .model import DRVAE, drvae_loss
+from .progress import bar as tqdm
 from .store import RowStore
 
 logger = logging.getLogger(__name__)
