@@ -2,8 +2,15 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# TORCH=cpu (default): torch==$(TORCH_VERSION) as the machine's package index resolves it (a CPU wheel
+# here, from local disk). TORCH=cuda: the CUDA build from the index given as TORCH_INDEX (PyTorch's
+# wheel index for your CUDA tag), or PyPI's default Linux build when TORCH_INDEX is empty.
+# The flavour a .venv was built with is remembered (.venv/.torch), so later targets keep it.
+TORCH ?= $(shell cat $(VENV)/.torch 2>/dev/null || echo cpu)
+TORCH_INDEX ?=
+STAMP  := $(VENV)/.installed-$(TORCH)
+TORCH_PIP := torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 DEMO_DIR ?= demo_out
 JOBS ?= 2
 
@@ -12,9 +19,11 @@ JOBS ?= 2
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the pinned CPU torch first, so that nothing pulls a multi-GB CUDA build
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	# the pinned torch first (CPU unless TORCH=...), so that install_requires does not pull another build
+	if [ -f $(VENV)/.torch ] && [ "$$(cat $(VENV)/.torch)" != "$(TORCH)" ]; then $(PY) -m pip uninstall -y -q torch; fi
+	$(PY) -m pip install -q $(TORCH_PIP)
 	$(PY) -m pip install -q -e '.[test]'
+	echo $(TORCH) > $(VENV)/.torch
 	touch $(STAMP)
 
 install: $(STAMP)

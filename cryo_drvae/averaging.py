@@ -13,12 +13,12 @@ from typing import Callable
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
 from .alignment import transform_images
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
-from .preprocess import shell_index, shell_mean
+from .preprocess import read_batch_size, shell_index, shell_mean
+from .progress import bar as tqdm
 from .stack import ParticleStack
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def resolution_from_ssnr(ssnr: torch.Tensor, box_size: int, pixel_size: float) -
 
 def class_averages(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float,
                    labels: NDArray, psi_deg: NDArray, shift_px: NDArray, n_classes: int,
-                   noise_var: float, batch_size: int = 1024, particles: NDArray | None = None,
+                   noise_var: float, batch_size: int | None = None, particles: NDArray | None = None,
                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
                    should_abort: Callable[[], bool] = lambda: False) -> tuple[NDArray, NDArray]:
     """Full-size CTF-corrected averages ``(K, B, B)`` and resolutions ``(K,)`` in one streaming pass.
@@ -72,6 +72,7 @@ def class_averages(stack: ParticleStack, ctf_params: CtfParams | None, pixel_siz
     partial sums over ranks.
     """
     box = stack.box_size
+    batch_size = batch_size or read_batch_size(box, most=512)   # ~8 full-size arrays per batch
     numerator = torch.zeros(n_classes, box, box)
     ctf2_sum = torch.zeros(n_classes, box, box)
     chosen = np.arange(stack.n_particles) if particles is None else particles

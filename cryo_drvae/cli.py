@@ -15,8 +15,9 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import RunConfig
+from .config import DIAMETER_FRACTION, RunConfig
 from .errors import CryoDrvaeError
+from .relion_flags import FLAG_NAMES, sort_extra_arguments
 
 logger = logging.getLogger("cryo_drvae")
 
@@ -63,48 +64,89 @@ def main() -> None:
     """cryo-drvae: unsupervised 2D classification of cryo-EM particles (DRVAE + BSK-means++)."""
 
 
-@main.command()
+_DEFAULTS = RunConfig()
+
+
+def _flags(field: str) -> tuple[str, ...]:
+    """Our name and RELION's for a config field (one table for classify and the wrapper)."""
+    return FLAG_NAMES.get(field, (f"--{field}",))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "max_content_width": 110})
 @click.option("--i", "particles_star", required=True, type=click.Path(dir_okay=False),
-              help="Input particles STAR file (RELION 3.0 or 3.1+).")
+              help="Input particles STAR file (RELION 3.0, or 3.1/4/5 with optics groups).")
 @click.option("--o", "output_prefix", required=True,
               help="Output prefix, e.g. Class2D/job010/run: writes <o>_data.star, <o>_model.star, ...")
-@click.option("--K", "n_classes", type=int, default=50, show_default=True, help="Number of classes.")
-@click.option("--j", "threads", type=int, default=1, show_default=True, help="CPU threads.")
-@click.option("--particle_diameter", type=float, default=0.0, show_default=True,
-              help="Particle diameter in Å (0 = 60% of the box).")
-@click.option("--iter", "n_rounds", type=int, default=None, help="Maximum number of classification rounds.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (runs are reproducible).")
-@click.option("--gpu", default=None, is_flag=False, flag_value="", help='Use a GPU: "0" or RELION-style "0,1".')
-@click.option("--continue", "continue_run", is_flag=True, help="Resume from the last round's checkpoint.")
-@click.option("--balance", type=float, default=None,
-              help="BSK-means++ balance: smallest class >= balance * N / K (0 = plain K-means++).")
-@click.option("--drvae/--no_drvae", "use_drvae", default=None,
+@click.option(*_flags("n_classes"), "n_classes", type=int, default=_DEFAULTS.cluster.n_classes, show_default=True,
+              help="Number of classes.")
+@click.option("--j", "threads", type=int, default=_DEFAULTS.threads, show_default=True, help="CPU threads.")
+@click.option("--particle_diameter", type=float, default=_DEFAULTS.data.particle_diameter, show_default=True,
+              help=f"Particle diameter in Å (mask and noise estimate); 0 = {DIAMETER_FRACTION:.0%} of the box.")
+@click.option(*_flags("n_rounds"), "n_rounds", type=int, default=_DEFAULTS.cluster.n_rounds, show_default=True,
+              help="Maximum number of refinement rounds (fewer when converged, see --tolerance).")
+@click.option("--tolerance", type=float, default=_DEFAULTS.cluster.tolerance, show_default=True,
+              help="Stop when fewer than this fraction of labels change in a round (0.01 = 1 %).")
+@click.option(*_flags("seed"), "seed", type=int, default=_DEFAULTS.seed, show_default=True,
+              help="Random seed (same seed, same result on the CPU).")
+@click.option("--gpu", default=None, is_flag=False, flag_value="",
+              help='Run on CUDA: "0" or RELION-style "0,1" (empty = GPU 0). [default: CPU]')
+@click.option("--continue", "continue_run", is_flag=True, help="Resume from <o>_checkpoint.pt after an interruption.")
+@click.option("--balance", type=float, default=_DEFAULTS.cluster.balance, show_default=True,
+              help="BSK-means++ balance: every class >= balance x N / K particles (0 = plain K-means++).")
+@click.option("--drvae/--no_drvae", "use_drvae", default=_DEFAULTS.train.use_drvae, show_default=True,
               help="Start from DRVAE-denoised BSK-means++ (the paper's step 2) instead of class growing.")
-@click.option("--no_ctf", is_flag=True, help="Ignore CTF parameters (e.g. for phase-flipped data).")
-@click.option("--data_dir", default=None, help="Folder image paths are relative to (default: working dir).")
-@click.option("--working_box", type=int, default=None, help="Working box in px after Fourier cropping.")
-@click.option("--psi_step", type=float, default=None, help="In-plane angular step in degrees.")
-@click.option("--preread_images", is_flag=True, default=None,
+@click.option("--no_ctf", is_flag=True, help="Ignore CTF parameters (e.g. CTF-free or phase-flipped data). "
+                                             "[default: CTF-aware]")
+@click.option(*_flags("pixel_size"), "pixel_size", type=float, default=_DEFAULTS.data.pixel_size,
+              show_default=True, help="Pixel size in Å/px for STAR files without one (0 = from the STAR file).")
+@click.option(*_flags("max_shift_px"), "max_shift_px", type=float, default=_DEFAULTS.cluster.max_shift_px,
+              show_default=True, help="Shift search range in px of the input images (0 = 10% of the box).")
+@click.option("--psi_step", type=float, default=_DEFAULTS.cluster.psi_step, show_default=True,
+              help="In-plane angular step in degrees.")
+@click.option("--data_dir", default=None,
+              help="Folder the image paths are relative to (RELION project folder). [default: working dir]")
+@click.option("--working_box", type=int, default=_DEFAULTS.data.working_box, show_default=True,
+              help="Working box in px after Fourier cropping (0 = automatic: Nyquist near 12 Å, 32-64 px).")
+@click.option("--preread_images", is_flag=True, default=_DEFAULTS.data.preread_images,
               help="Keep the working images in RAM (faster when they fit) instead of streaming them.")
-@click.option("--scratch_dir", default=None, help="Folder for streamed working images (default: next to --o).")
-@click.option("--init_particles", type=int, default=None,
-              help="Particles the first classes are found on (0 = max(5000, 100 K)).")
-@click.option("--epochs", "epochs_initial", type=int, default=None, help="Initial DRVAE epochs.")
+@click.option("--scratch_dir", default=None,
+              help="Folder for the streamed working images. [default: <o>_scratch/ beside the outputs]")
+@click.option("--init_particles", type=int, default=_DEFAULTS.cluster.init_particles, show_default=True,
+              help="Particles the first classes are found on (0 = max(5000, 100 x K)).")
+@click.option("--epochs", "epochs_initial", type=int, default=_DEFAULTS.train.epochs_initial, show_default=True,
+              help="Initial DRVAE epochs (with --drvae).")
+@click.option("--dont_check_norm", is_flag=True,
+              help="Accepted from RELION command lines; nothing to do (images are whitened here, "
+                   "not required to be normalised).")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
 @clean_errors
-def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> None:
-    """Classify particles: writes <o>_data.star, _model.star, _class_averages.mrcs and PNGs."""
+def classify(ctx: click.Context, verbose: bool, gpu: str | None, no_ctf: bool, dont_check_norm: bool,
+             **options: Any) -> None:
+    """Classify particles: writes <o>_data.star, _model.star, _class_averages.mrcs and PNGs.
+
+    RELION Class2D flags are accepted where they mean something here (--K/--nr_classes, --iter,
+    --particle_diameter, --psi_step, --offset_range, --angpix, --random_seed, --dont_check_norm,
+    --j, --gpu, --preread_images, --scratch_dir); other relion_refine flags (--ctf, --tau2_fudge,
+    --pool, --zero_mask, ...) are ignored with a warning; anything else is an error.
+    """
     from .distributed import is_main_process
     from .outputs import check_outputs_writable
     from .pipeline import run
 
+    extra = sort_extra_arguments(ctx.args)
+    extra.refuse_unknown()               # a typo fails before anything is written
     cfg = RunConfig.from_options(device=parse_gpu(gpu), use_ctf=not no_ctf,
                                  **options)
     main_rank = is_main_process()
     if main_rank:
         check_outputs_writable(cfg.output_prefix)   # before the log file is created there
     setup_logging(Path(f"{cfg.output_prefix}_run.log") if main_rank else None, verbose)
-    result = run(cfg)
+    extra.report(strict=True)            # the ignored RELION flags, into the log too
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm([logging.getLogger("cryo_drvae")]):   # log lines above the bars
+        result = run(cfg)
     for name, path in result.paths.items():
         click.echo(f"{name}: {path}")
 
@@ -126,15 +168,18 @@ def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> No
               help="Largest / smallest class size.")
 @click.option("--relion30", is_flag=True, help="Write a RELION 3.0-format STAR file.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--project_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="RELION project folder: image paths in particles.star are written relative to it, "
+                   "as RELION does (run RELION and classify from there).")
 @clean_errors
-def simulate(out_dir: str, **options: Any) -> None:
+def simulate(out_dir: str, project_dir: str, **options: Any) -> None:
     """Simulate particles with known classes: particles.star, Particles/*.mrcs, truth.csv."""
     from .simulate import SimulationConfig, simulate_dataset
 
     setup_logging()
     pdb_files = options.pop("pdb_files")
     options["pdb_files"] = tuple(p for p in (pdb_files or "").split(",") if p)
-    result = simulate_dataset(SimulationConfig(**options), out_dir)
+    result = simulate_dataset(SimulationConfig(**options), out_dir, project_dir=project_dir)
     click.echo(f"particles: {result.star_path}\ntruth: {result.truth_path}")
 
 

@@ -21,6 +21,10 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+#: ``particle_diameter`` 0 means this fraction of the box (extraction boxes are ~1.5-2x the particle).
+DIAMETER_FRACTION = 0.6
+
+
 def gpu_ids(device: str) -> list[int]:
     """GPU numbers a device string names: ``cuda:0,1`` -> [0, 1], ``cuda`` -> [0], ``cpu`` -> []."""
     if not device.startswith("cuda"):
@@ -34,7 +38,8 @@ class DataConfig:
 
     particles_star: str = ""
     data_dir: str | None = None        # folder image paths are relative to (default: working dir)
-    particle_diameter: float = 0.0     # Å; 0 = 0.6 x box (extraction boxes are ~1.5-2x the particle)
+    particle_diameter: float = 0.0     # Å; 0 = DIAMETER_FRACTION x box
+    pixel_size: float = 0.0            # Å/px for STAR files without one (RELION's --angpix); 0 = from the STAR
     working_box: int = 0               # px after Fourier cropping; 0 = automatic
     use_ctf: bool = True
     preread_images: bool = False       # keep the working images in RAM instead of streaming them
@@ -42,6 +47,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.particle_diameter >= 0, f"data.particle_diameter must be >= 0 Å, got {self.particle_diameter}")
+        _require(self.pixel_size >= 0, f"data.pixel_size (--angpix) must be >= 0 Å/px, got {self.pixel_size}")
         _require(self.working_box == 0 or self.working_box >= 16,
                  f"data.working_box must be 0 (auto) or >= 16 px, got {self.working_box}")
 
@@ -152,6 +158,10 @@ class RunConfig:
             return cls(**parts)
         except TypeError as exc:
             raise ConfigError(f"config.yaml: {exc}; remove unknown keys") from None
+
+    def diameter_angst(self, box_size: int, pixel_size: float) -> float:
+        """The particle diameter in Å: ``--particle_diameter``, else ``DIAMETER_FRACTION`` x box."""
+        return self.data.particle_diameter or DIAMETER_FRACTION * box_size * pixel_size
 
     @property
     def output_dir(self) -> Path:

@@ -73,6 +73,13 @@ def params_from_particles(particles: pd.DataFrame, source: str = "particles") ->
     if missing:
         raise InputFileError(f"{source}: missing CTF column(s) {', '.join(missing)}; "
                              f"run CTF estimation (CtfFind) before extraction, or pass --no_ctf")
+    premultiplied = "rlnCtfDataAreCtfPremultiplied"
+    if premultiplied in particles.columns:
+        flagged = pd.to_numeric(particles[premultiplied], errors="coerce").fillna(0).to_numpy() != 0
+        if flagged.any():
+            raise InputFileError(f"{source}: {premultiplied} = 1 for {int(flagged.sum())} particles "
+                                 f"(images already multiplied by their CTF), which cryo-drvae does not "
+                                 f"model; re-extract without CTF premultiplication, or pass --no_ctf")
     optional = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0}
     values = {c: particles[c].to_numpy(np.float64) for c in required}
     values.update({c: particles[c].to_numpy(np.float64) if c in particles.columns

@@ -48,6 +48,7 @@ class RunResult:
     paths: dict[str, Path]
     result: ClassificationResult
     timings: dict[str, float] = field(default_factory=dict)
+    n_rounds: int = 0              # refinement rounds actually run (fewer than --iter when converged)
 
 
 @dataclass
@@ -134,12 +135,12 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
     ws: WorkingSet | None = None
     try:
         with timer("read"):
-            table = read_particles(cfg.data.particles_star)
+            table = read_particles(cfg.data.particles_star, pixel_size=cfg.data.pixel_size or None)
             check_class_count(table, cfg)
             stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
             ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
             pixel_size = single_pixel_size(table)
-            diameter = cfg.data.particle_diameter or 0.6 * stack.box_size * pixel_size
+            diameter = cfg.diameter_angst(stack.box_size, pixel_size)
             box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box)
             plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
             mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
@@ -154,6 +155,7 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
                 initial_training(denoiser, ws, cfg, abort)
             with timer("cluster"):
                 state = initial_classes(init_ws, denoiser, cfg, device, comm, abort)
+            state.assignment = spread_labels(state.assignment, init_ws.particles, stack.n_particles)
             save_checkpoint(cfg, state, comm)
         state = refinement_rounds(refiner, ws, state, denoiser, cfg, timer, abort)
         with timer("average"):
@@ -168,7 +170,7 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
             paths = write_everything(cfg, table, result)
     stack.close()
     logger.info("stage times (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in timer.times.items()))
-    return RunResult(paths, result, timer.times)
+    return RunResult(paths, result, timer.times, n_rounds=state.round)
 
 
 def scratch_folder(cfg: RunConfig, comm: Comm) -> Path | None:
@@ -265,16 +267,15 @@ def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConf
         coarse = Refiner(init_ws, dataclasses.replace(cfg.cluster, psi_step=max(20.0, cfg.cluster.psi_step)),
                          device)
         grown = grow_classes(coarse, k, should_abort=abort)
-        references, log_prior = grown.refs, grown.log_prior
+        references, log_prior = grown.refs, floored_log_prior(grown.log_prior, cfg.cluster.balance)
         labels = posterior(grown.loglik, grown.log_prior).argmax(1)
     references = comm.broadcast(references.contiguous())
     log_prior = comm.broadcast(torch.from_numpy(np.asarray(log_prior, np.float64))).numpy()
     sizes = np.bincount(labels, minlength=k)
     logger.info("initial classes: sizes %d-%d of %d particles", sizes.min(), sizes.max(), len(labels))
-    history = [{"round": 0, "changed_fraction": 1.0, "class_size_min": int(sizes.min()),
+    history = [{"round": 0, "class_size_min": int(sizes.min()),
                 "class_size_max": int(sizes.max())}]
-    unknown = np.full(0, -1, dtype=np.int64)
-    start = Assignment(unknown, unknown, np.zeros(0), np.zeros(0))
+    start = Assignment(labels, np.zeros_like(labels), np.zeros(len(labels)), np.zeros(len(labels)))
     return RoundState(0, start, references, log_prior, history,
                       denoiser.state_dict() if denoiser else None)
 
@@ -311,9 +312,30 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
     return state
 
 
+def floored_log_prior(log_prior: NDArray, balance: float) -> NDArray:
+    """Class log-priors with every class >= max(balance, 0.001) / K, as the rounds keep them: class
+    growing lets a prior reach 0 (an empty class on a handful of particles), whose -inf cost the
+    balanced assignment cannot use."""
+    k = len(log_prior)
+    prior = np.maximum(np.exp(np.asarray(log_prior, np.float64)), max(balance, 1e-3) / k)
+    return np.log(prior / prior.sum())
+
+
+def spread_labels(start: Assignment, rows: NDArray, n_total: int) -> Assignment:
+    """The first classes' labels of the subset ``rows`` (table rows) on all ``n_total`` particles,
+    -1 for particles the first classes were not found on."""
+    labels = np.full(n_total, -1, dtype=np.int64)
+    labels[np.asarray(rows, np.int64)] = start.labels
+    return Assignment(labels, np.zeros(n_total, np.int64), np.zeros(n_total), np.zeros(n_total))
+
+
 def changed_fraction(before: NDArray, after: NDArray) -> float:
-    """Share of particles whose label changed (all of them when there were no labels before)."""
-    return 1.0 if len(before) != len(after) else float(np.mean(before != after))
+    """Share of particles whose label changed, among those that had one (-1 = none yet);
+    all of them when none had one."""
+    if len(before) != len(after):
+        return 1.0
+    known = before >= 0
+    return float(np.mean(before[known] != after[known])) if known.any() else 1.0
 
 
 def pseudo_target_training(refiner: Refiner, ws: WorkingSet, assignment: Assignment, centres: torch.Tensor,
@@ -372,7 +394,8 @@ def write_everything(cfg: RunConfig, table: ParticleTable, result: Classificatio
     """Pictures and config first, then the RELION outputs (data STAR last of all)."""
     prefix = cfg.output_prefix
     counts = np.bincount(result.labels, minlength=result.class_averages.shape[0])
-    paths = {"classes_png": plots.plot_class_gallery(result.class_averages, counts, f"{prefix}_classes.png"),
+    paths = {"classes_png": plots.plot_class_gallery(result.class_averages, counts, f"{prefix}_classes.png",
+                                                     result.class_resolution, result.pixel_size),
              "convergence_png": plots.plot_convergence(result.history, f"{prefix}_convergence.png")}
     config_path = Path(f"{prefix}_config.yaml")
     with atomic_path(config_path) as tmp:

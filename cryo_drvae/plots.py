@@ -3,7 +3,7 @@
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend change) and
 written atomically as PNG. Images are drawn with row 0 at the top.
 
->>> plot_class_gallery(averages, counts, "run_classes.png")
+>>> plot_class_gallery(averages, counts, "run_classes.png", resolution=res_angst, pixel_size=3.0)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike, NDArray
 
 from .io_utils import atomic_path
@@ -44,18 +45,48 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def _show(ax: Axes, image: NDArray, greyed: bool = False) -> None:
-    """One image with robust contrast (1st-99th percentile); greyed = washed out."""
+def _show(ax: Axes, image: NDArray, greyed: bool = False,
+          limits: tuple[float, float] | None = None) -> None:
+    """One image, on ``limits`` (vmin, vmax) or its own 1st-99th percentile; greyed = washed out."""
     image = np.asarray(image, dtype=np.float64)
-    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    if limits is None:
+        limits = tuple(np.percentile(image, [1, 99])) if image.size else (0.0, 1.0)
+    low, high = limits
     ax.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1,
               alpha=0.25 if greyed else 1.0, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def plot_class_gallery(class_averages: NDArray, counts: ArrayLike, path: str | os.PathLike) -> Path:
-    """Class averages largest first, each titled ``class k: n`` (k 1-based); empty ones greyed.
+def common_limits(class_averages: NDArray, counts: ArrayLike) -> tuple[float, float]:
+    """One (vmin, vmax) for every panel: 1st-99th percentile of the non-empty classes' pixels, so
+    that a faint class looks faint next to a strong one."""
+    counts = np.asarray(counts)
+    shown = class_averages[counts > 0] if (counts > 0).any() else class_averages
+    low, high = np.percentile(np.asarray(shown, np.float64), [1, 99]) if shown.size else (0.0, 1.0)
+    return float(low), float(high)
+
+
+def scale_bar_angst(box_size: int, pixel_size: float) -> float:
+    """A round length (1, 2 or 5 x 10^n Å) near a quarter of the box."""
+    target = box_size * pixel_size / 4
+    magnitude = 10 ** math.floor(math.log10(target))
+    return float(max(m * magnitude for m in (1, 2, 5) if m * magnitude <= target))
+
+
+def panel_title(k: int, count: int, n_total: int, resolution: float | None) -> str:
+    """``class 3: 120 (12.0 %)`` and, when known, ``14 Å`` on a second line (k 0-based)."""
+    share = 100.0 * count / n_total if n_total else 0.0
+    title = f"class {k + 1}: {count} ({share:.1f} %)"
+    if resolution is not None and count > 0 and resolution < 999:
+        title += f"\n{resolution:.0f} Å"
+    return title
+
+
+def plot_class_gallery(class_averages: NDArray, counts: ArrayLike, path: str | os.PathLike,
+                       resolution: ArrayLike | None = None, pixel_size: float | None = None) -> Path:
+    """Class averages largest first on one intensity scale, each titled ``class k: n (p %)`` (k
+    1-based) and its resolution; a scale bar in the first panel; empty classes greyed.
 
     Parameters
     ----------
@@ -64,27 +95,58 @@ def plot_class_gallery(class_averages: NDArray, counts: ArrayLike, path: str | o
         Particles per class.
     path
         PNG to write.
+    resolution : array-like, shape (K,), optional
+        Estimated resolution of each class average, Å (999 = unknown).
+    pixel_size : float, optional
+        Å/px of the averages, for the scale bar.
 
     Raises
     ------
     ValueError
-        If ``counts`` does not have one entry per class average.
+        If ``counts`` (or ``resolution``) does not have one entry per class average.
     """
     counts = np.asarray(counts)
     if class_averages.ndim != 3 or counts.shape != (len(class_averages),):
         raise ValueError(f"need averages (K, box, box) and counts (K,), got {class_averages.shape} "
                          f"and {counts.shape}")
+    if resolution is not None and np.shape(resolution) != counts.shape:
+        raise ValueError(f"need one resolution per class, got {np.shape(resolution)} for {counts.shape} counts")
+    limits = common_limits(class_averages, counts)
     rows, cols = grid_shape(len(counts))
-    fig = Figure(figsize=(cols * TILE_INCHES, rows * (TILE_INCHES + 0.2)))
+    fig = Figure(figsize=(cols * TILE_INCHES, rows * (TILE_INCHES + 0.35)))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, k in zip(axes, gallery_order(counts)):
+    n_total = int(counts.sum())
+    for i, (ax, k) in enumerate(zip(axes, gallery_order(counts))):
         empty = counts[k] == 0
-        _show(ax, class_averages[k], greyed=empty)
-        ax.set_title(f"class {k + 1}: {counts[k]}", fontsize=8, color="0.6" if empty else "black")
+        _show(ax, class_averages[k], greyed=empty, limits=limits)
+        res = None if resolution is None else float(np.asarray(resolution)[k])
+        ax.set_title(panel_title(int(k), int(counts[k]), n_total, res), fontsize=7,
+                     color="0.6" if empty else "black")
+        if i == 0 and pixel_size:
+            box = class_averages.shape[-1]
+            length = scale_bar_angst(box, pixel_size)
+            x0, y0 = 0.06 * box, 0.92 * box
+            ax.plot([x0, x0 + length / pixel_size], [y0, y0], color="yellow", linewidth=2)
+            ax.text(x0, y0 - 0.04 * box, f"{length:g} Å", color="yellow", fontsize=6)
     for ax in axes[len(counts):]:
         ax.set_axis_off()
     fig.tight_layout()
     return _save(fig, path)
+
+
+#: Plain axis names (and a factor) for the history keys the pipeline records.
+AXIS_LABELS: dict[str, tuple[str, float]] = {
+    "changed_fraction": ("labels changed (%)", 100.0),
+    "mean_cost": ("mean cost per particle\n(-log-likelihood)", 1.0),
+    "class_size_min": ("smallest class\n(particles)", 1.0),
+    "class_size_max": ("largest class\n(particles)", 1.0),
+    "drvae_loss": ("DRVAE training loss", 1.0),
+}
+
+
+def axis_label(key: str) -> tuple[str, float]:
+    """(axis name, factor) for a history key: the plain name, or the key with spaces."""
+    return AXIS_LABELS.get(key, (key.replace("_", " "), 1.0))
 
 
 def _numeric_keys(history: Sequence[Mapping]) -> list[str]:
@@ -120,11 +182,13 @@ def plot_convergence(history: Sequence[Mapping], path: str | os.PathLike) -> Pat
     fig = Figure(figsize=(5, 2.0 * len(keys)))
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
-        points = [(xi, r[key]) for xi, r in zip(x, history) if key in r]
+        label, factor = axis_label(key)
+        points = [(xi, r[key] * factor) for xi, r in zip(x, history) if key in r]
         ax.plot(*zip(*points), marker="o", markersize=3)
-        ax.set_ylabel(key)
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel(x_key or "round")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].set_xlabel({"epoch": "epoch"}.get(x_key or "", "round (0 = first classes)"))
     fig.tight_layout()
     return _save(fig, path)
 

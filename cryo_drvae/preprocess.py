@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
 from .alignment import circular_mask
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
+from .progress import bar as tqdm
 from .stack import ParticleStack
 from .store import RowStore
 
@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 TARGET_NYQUIST_A = 12.0   # working resolution limit for classification (Å)
 NOISE_SAMPLE = 2000       # particles used to estimate the noise spectrum
+READ_BUDGET = 1 << 24     # raw pixels read per batch (64 MB of float32), whatever the box
+
+
+def read_batch_size(box_size: int, most: int = 1024) -> int:
+    """Particles per read batch: ``most`` for small boxes, fewer for large ones, so that the
+    memory of one batch (raw images, their spectra, CTFs) does not grow with the box."""
+    return int(max(8, min(most, READ_BUDGET // (box_size * box_size))))
 
 
 @dataclass
@@ -202,7 +209,9 @@ def plan_preparation(stack: ParticleStack, ctf_params: CtfParams | None, pixel_s
     n = stack.n_particles
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, NOISE_SAMPLE), replace=False))
-    spectrum = fourier_crop(torch.from_numpy(stack.read(sample)), working_box)
+    step = read_batch_size(stack.box_size)      # full-size images are read a batch at a time
+    spectrum = torch.cat([fourier_crop(torch.from_numpy(stack.read(sample[i:i + step])), working_box)
+                          for i in range(0, len(sample), step)])
     background = torch.from_numpy(~circular_mask(working_box, radius))
     size = (working_box, working_box)
     n_shells = working_box // 2 + 1
@@ -234,7 +243,7 @@ class _PreparedBatches(torch.utils.data.Dataset):
 
 
 def prepare_working_set(stack: ParticleStack, plan: Preparation, particles: NDArray | None = None,
-                        scratch_dir: Path | None = None, workers: int = 0, batch_size: int = 1024,
+                        scratch_dir: Path | None = None, workers: int = 0, batch_size: int | None = None,
                         should_abort: Callable[[], bool] = lambda: False) -> WorkingSet:
     """Read the chosen particles (default: all) once and build the :class:`WorkingSet`.
 
@@ -242,6 +251,7 @@ def prepare_working_set(stack: ParticleStack, plan: Preparation, particles: NDAr
     worker); without, they stay in RAM. ``workers`` DataLoader processes read and prepare.
     """
     particles = np.arange(stack.n_particles) if particles is None else np.asarray(particles, np.int64)
+    batch_size = batch_size or read_batch_size(stack.box_size)
     n, box = len(particles), plan.working_box
     n_masked = int(alignment_mask(box).sum())
     if scratch_dir is None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
 from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, size_bounds
@@ -25,6 +24,7 @@ from .config import ClusterConfig
 from .distributed import Comm
 from .averaging import wiener_filter
 from .preprocess import WorkingSet, rfft_weights, shell_index, shell_sum
+from .progress import bar as tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Refiner:
         partial E-step (the responsibilities of ``refs`` then share each particle with them).
         """
         k, p = refs.shape[0], self.grid.n_poses
-        templates = self.op.forward(refs) / self.ws.noise_var                # (K, P, M)
+        templates = self.op.forward(refs).div_(self.ws.noise_var)            # (K, P, M), one copy
         power = shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
                            self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
         n = len(self.weighted)

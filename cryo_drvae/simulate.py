@@ -43,9 +43,10 @@ Files
 ``relion30=True``), ``Particles/stack_NNN.mrcs`` (float32, ``particles_per_stack`` per stack),
 ``truth.csv``, ``truth_conventions.txt``, ``templates.mrcs`` (one clean, CTF-free projection per
 class, in class order) and ``simulation.yaml`` (the config). Image names such as
-``000001@Particles/stack_001.mrcs`` are relative to the folder holding ``particles.star``;
-RELION resolves them against its project folder, so run RELION from that folder (our reader
-falls back to the STAR file's own folder).
+``000001@Particles/stack_001.mrcs`` are relative to the folder holding ``particles.star``, or,
+with ``project_dir`` (what ``cryo-drvae simulate`` passes: the current folder), relative to that
+project folder as RELION writes them (``000001@sim/Particles/stack_001.mrcs``), since RELION
+resolves them against the project folder it runs in.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ import torch
 import yaml
 from numpy.typing import NDArray
 from scipy.spatial.transform import Rotation
-from tqdm import tqdm
 
 from .ctf import CtfParams, ctf_images
 from .errors import ConfigError
 from .io_utils import atomic_path
+from .progress import bar as tqdm
 from .structures import AtomicModel, read_atomic_model
 
 logger = logging.getLogger(__name__)
@@ -620,7 +621,20 @@ def write_truth(out_dir: Path, truth: pd.DataFrame) -> Path:
 
 # --------------------------------------------------------------------------- entry point
 
-def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike) -> SimulatedSet:
+def project_relative_names(names: list[str], out_dir: Path, project_dir: str | os.PathLike) -> list[str]:
+    """``N@Particles/x.mrcs`` (relative to ``out_dir``) -> ``N@<out_dir from project_dir>/Particles/x.mrcs``,
+    as RELION names images: relative to its project folder; absolute when ``out_dir`` lies outside it."""
+    out_abs, project = Path(os.path.abspath(out_dir)), Path(os.path.abspath(project_dir))
+    try:
+        folder = out_abs.relative_to(project)
+    except ValueError:
+        folder = out_abs
+    prefix = "" if str(folder) == "." else f"{folder.as_posix()}/"
+    return [f"{slice_}@{prefix}{stack}" for slice_, _, stack in (name.partition("@") for name in names)]
+
+
+def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike,
+                     project_dir: str | os.PathLike | None = None) -> SimulatedSet:
     """Simulate a particle set with known classes and write it as RELION files.
 
     Parameters
@@ -629,6 +643,8 @@ def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike) -> Simul
         What to simulate; every random draw comes from ``cfg.seed``.
     out_dir
         Output folder (created). Existing files of the same names are replaced.
+    project_dir
+        Write image names relative to this folder (RELION's project folder), not to ``out_dir``.
 
     Returns
     -------
@@ -643,6 +659,8 @@ def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike) -> Simul
     scene = build_scene(cfg)
     truth = draw_particles(cfg, streams["particles"])
     names, micrographs = _image_names(cfg)
+    if project_dir is not None:
+        names = project_relative_names(names, out_dir, project_dir)
     truth.insert(0, "image_name", names)
 
     stack_paths = []

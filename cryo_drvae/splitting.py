@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from .alignment import circular_mask, transform_images
 from .errors import AbortRequested
+from .progress import WorkClock, format_seconds
 from .refine import EMState, Refiner, lowpass, posterior, total_log_likelihood
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,18 @@ def splits_per_stage(k: int) -> int:
     return max(1, k // 8)
 
 
+def growth_work(n_classes: int, rounds_per_split: int, settle_rounds: int) -> list[float]:
+    """Class-EM steps of each growth stage (k classes x its rounds), then of the settling steps:
+    what the time left of class growing is estimated from."""
+    work, k = [], 1
+    while True:
+        work.append(float(k * (rounds_per_split + (k == 1))))
+        if k >= n_classes:
+            break
+        k += min(splits_per_stage(k), n_classes - k)
+    return work + [float(n_classes)] * settle_rounds
+
+
 def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_start: float = 5.0,
                  settle_rounds: int = 6, settle_tolerance: float = 0.0025,
                  should_abort: Callable[[], bool] = lambda: False) -> EMState:
@@ -218,15 +231,19 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
     zeros = np.zeros(n, dtype=np.int64)
     refs = lowpass(ref.references(ref.statistics_from_labels(zeros, zeros, n_classes=1)), shell_start)
     state = EMState(refs * ref.solvent_mask, np.zeros(1), None, None)
-    k = 1
+    k, stage = 1, 0
+    clock = WorkClock(growth_work(n_classes, rounds_per_split, settle_rounds))
     while True:
         shell = shell_start + (shell_end - shell_start) * min(1.0, (k - 1) / max(n_classes - 1, 1))
         for _ in range(rounds_per_split + (k == 1)):
             state = ref.em_step(state.refs, state.log_prior, shell, floor=0.0)
         if should_abort():
             raise AbortRequested("abort requested while growing classes")
-        logger.info("grown to %d of %d classes (references filtered to %.0f Å)", k, n_classes,
-                    ref.ws.box_size * ref.ws.pixel_size / max(shell, 1.0))
+        clock.step_done(stage)
+        stage += 1
+        logger.info("grown to %d of %d classes (references filtered to %.0f Å; %s)", k, n_classes,
+                    ref.ws.box_size * ref.ws.pixel_size / max(shell, 1.0),
+                    format_seconds(clock.seconds_left()) or "time left unknown")
         if k >= n_classes:
             break
         state = split_classes(ref, state, shell, shell, min(splits_per_stage(k), n_classes - k))

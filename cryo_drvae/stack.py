@@ -24,7 +24,7 @@ from mrcfile.mrcmemmap import MrcMemmap
 from numpy.typing import ArrayLike, NDArray
 
 from .errors import InputFileError
-from .star_io import IMAGE_NAME, ParticleTable
+from .star_io import IMAGE_NAME, IMAGE_SIZE, ParticleTable, image_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ParticleStack:
         InputFileError
             If stacks are missing (one error listing the first 3), a file is not a readable
             MRC file or is truncated, images are not square, box sizes differ between
-            stacks, or a slice number lies outside its stack.
+            stacks or from the table's ``rlnImageSize``, or a slice number lies outside its stack.
         """
         star = table.path
         if IMAGE_NAME not in table.particles.columns:
@@ -116,6 +116,12 @@ class ParticleStack:
         base = Path(data_dir) if data_dir is not None else Path.cwd()
         paths = _resolve_stack_paths(star, list(unique_names), base)
         stacks, opened = _open_and_validate(paths, codes, slices)
+        try:
+            _check_image_size(table, stacks[0])
+        except BaseException:
+            for mrc in opened.values():
+                mrc.close()
+            raise
         logger.info("found %d particles in %d stacks, box %d px", len(slices), len(stacks),
                     stacks[0].box_size)
         stack = cls(stacks, codes.astype(np.int64), slices)
@@ -266,14 +272,22 @@ def _parse_image_names(star: Path, column: pd.Series) -> tuple[pd.Series, NDArra
 
 def _resolve_stack_paths(star: Path, names: list[str], base: Path) -> list[Path]:
     """Resolve stack names as RELION does: against ``base``, then the STAR file's folder."""
-    resolved, missing = [], []
+    resolved, missing, beside_star = [], [], []
     for name in names:
         path = Path(name)
         candidates = [path] if path.is_absolute() else [base / path, star.parent / path]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             missing.append(candidates[0])
+        elif found is not candidates[0]:
+            beside_star.append(name)
         resolved.append(found)
+    if beside_star and not missing:
+        logger.warning("%s: %d of %d image stacks (e.g. %s) are found only relative to the STAR file's "
+                       "folder %s, not to %s; RELION resolves image paths against the project folder it "
+                       "runs in, so relion_refine and RELION jobs will not find them: write rlnImageName "
+                       "relative to the project folder (or run from %s)", star, len(beside_star), len(names),
+                       beside_star[0], star.parent, base, star.parent)
     if missing:
         shown = ", ".join(str(p) for p in missing[:3])
         raise InputFileError(f"{star}: {len(missing)} of {len(names)} image stacks not found "
@@ -368,6 +382,19 @@ def _check_same_box(stacks: list[_StackInfo]) -> None:
             raise InputFileError(f"{info.path}: box size {info.box_size} px differs from "
                                  f"{first.box_size} px in {first.path}; re-extract with one "
                                  f"box size")
+
+
+def _check_image_size(table: ParticleTable, first: _StackInfo) -> None:
+    """The stacks' box must be the ``rlnImageSize`` the table declares."""
+    declared = image_sizes(table)
+    if declared is None:
+        return
+    wrong = np.isfinite(declared) & (declared != first.box_size)
+    if wrong.any():
+        raise InputFileError(f"{table.path}: {IMAGE_SIZE} is {int(declared[wrong][0])} px for "
+                             f"{int(wrong.sum())} particles but the images in {first.path} are "
+                             f"{first.box_size} px; fix {IMAGE_SIZE} in data_optics or point "
+                             f"{IMAGE_NAME} at the right stacks")
 
 
 def _check_slices(stacks: list[_StackInfo], codes: NDArray, slices: NDArray[np.int64]) -> None:

@@ -117,13 +117,17 @@ class ParticleTable:
         return joined
 
 
-def read_particles(path: str | os.PathLike) -> ParticleTable:
+def read_particles(path: str | os.PathLike, pixel_size: float | None = None) -> ParticleTable:
     """Read a RELION particles STAR file, 3.0 (one block) or 3.1/4/5 (optics + particles).
 
     Parameters
     ----------
     path : str or PathLike
         The particles STAR file, e.g. ``Extract/job005/particles.star``.
+    pixel_size : float, optional
+        Å/px for particles whose STAR file gives none (RELION's ``--angpix``); it is written into
+        the table (``data_optics``, or the 3.0 rows), so the outputs carry it. A pixel size the
+        file does give wins (with a warning when they differ).
 
     Returns
     -------
@@ -146,6 +150,8 @@ def read_particles(path: str | os.PathLike) -> ParticleTable:
         raise InputFileError(f"{path}: the particles block contains no particles; "
                              f"pass a particles STAR file with at least one particle")
     table = ParticleTable(path=path, particles=particles, optics=optics)
+    if pixel_size:
+        _fill_pixel_size(table, float(pixel_size))
     _check_pixel_sizes(table)
     logger.info("read %d particles from %s (%s format)", len(table), path,
                 "RELION 3.0" if table.is_legacy else "RELION 3.1+")
@@ -308,6 +314,38 @@ def _pixel_size_from_detector(frame: pd.DataFrame) -> NDArray[np.float64]:
     return np.full(len(frame), np.nan)
 
 
+def image_sizes(table: ParticleTable) -> NDArray[np.float64] | None:
+    """``rlnImageSize`` (px) of each particle from its optics group (or 3.0 row); None if absent."""
+    if IMAGE_SIZE in table.particles.columns:
+        return _float_column(table.particles, IMAGE_SIZE)
+    if table.optics is not None and IMAGE_SIZE in table.optics.columns:
+        return _float_column(table.optics, IMAGE_SIZE)[_optics_rows(table)]
+    return None
+
+
+def _fill_pixel_size(table: ParticleTable, value: float) -> None:
+    """Give particles without a valid pixel size ``value`` (Å/px), in place."""
+    with np.errstate(invalid="ignore"):
+        apix = pixel_sizes(table)
+        bad = ~(np.isfinite(apix) & (apix > 0))
+    if (~bad).any() and not np.allclose(apix[~bad], value, rtol=1e-3):
+        logger.warning("%s: --angpix %g ignored for %d particles: the STAR file gives %.4g Å/px",
+                       table.path, value, int((~bad).sum()), float(np.median(apix[~bad])))
+    if not bad.any():
+        return
+    if table.optics is None or IMAGE_PIXEL_SIZE in table.particles.columns:
+        table.particles[IMAGE_PIXEL_SIZE] = np.where(bad, value, apix)
+    else:
+        rows = _optics_rows(table)
+        current = (_float_column(table.optics, IMAGE_PIXEL_SIZE) if IMAGE_PIXEL_SIZE in table.optics.columns
+                   else np.full(len(table.optics), np.nan))
+        missing = np.zeros(len(table.optics), dtype=bool)
+        missing[np.unique(rows[bad])] = True
+        table.optics[IMAGE_PIXEL_SIZE] = np.where(missing, value, current)
+    logger.info("%s: pixel size %g Å/px (--angpix) for %d particles without one", table.path, value,
+                int(bad.sum()))
+
+
 def _check_pixel_sizes(table: ParticleTable) -> None:
     """Raise if any particle lacks a finite, positive pixel size."""
     apix = pixel_sizes(table)
@@ -316,7 +354,7 @@ def _check_pixel_sizes(table: ParticleTable) -> None:
         raise InputFileError(f"{table.path}: no valid pixel size for {int(bad.sum())} of "
                              f"{len(apix)} particles; add '{IMAGE_PIXEL_SIZE}' (Å/px) to "
                              f"data_optics, or '{DETECTOR_PIXEL_SIZE}' and '{MAGNIFICATION}' "
-                             f"to a RELION 3.0 file")
+                             f"to a RELION 3.0 file, or pass --angpix <Å/px>")
 
 
 def _float_column(frame: pd.DataFrame, name: str) -> NDArray[np.float64]:

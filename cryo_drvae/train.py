@@ -13,12 +13,12 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .distributed import Comm
 from .errors import AbortRequested
 from .model import DRVAE, drvae_loss
+from .progress import bar as tqdm
 from .store import RowStore
 
 logger = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from cryo_drvae import __version__
 from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig, gpu_ids
 from cryo_drvae.errors import AbortRequested, ConfigError, CryoDrvaeError, InputFileError
 from cryo_drvae.io_utils import atomic_path
+from cryo_drvae.relion_flags import FLAG_NAMES, sort_extra_arguments
 
 logger = logging.getLogger("cryo_drvae.relion")
 
@@ -63,7 +64,7 @@ _FALSE = {"0", "false", "no", "n", "off"}
 # Config fields the wrapper sets itself; all other DataConfig/TrainConfig/ClusterConfig fields
 # can be passed as `--<field> <value>` (e.g. a RELION parameter pair "epochs_initial" / "2").
 _WRAPPER_OWNED = {"particles_star"}
-_ALIASES = {"n_classes": ("--K", "--nr_classes", "--n_classes"), "n_rounds": ("--iter", "--n_rounds")}
+_ALIASES = FLAG_NAMES       # RELION's names (--K, --nr_classes, --iter, --offset_range, --angpix, ...)
 
 
 class _ArgumentError(CryoDrvaeError):
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--j", default="1", help="threads (RELION's 'Number of threads')")
     p.add_argument("--gpu", nargs="?", const=_BARE, default=None,
                    help="GPU ids as in RELION ('0', '0,1'); the first is used; empty = GPU 0")
-    p.add_argument("--seed", default=None, help="random seed (default 0)")
+    p.add_argument(*_ALIASES["seed"], dest="seed", default=None, help="random seed (default 0)")
     p.add_argument("--continue", dest="continue_run", nargs="?", const=_BARE, default=None,
                    help="resume from the checkpoint in the job folder")
     p.add_argument("--relion_version", choices=("3", "4", "5"), default=None,
@@ -265,9 +266,9 @@ def _image_info(data_star: Path) -> tuple[int, float] | None:
 def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int | None = None) -> Path:
     """Minimal ``<prefix>_optimiser.star``: what RELION 4/5 Subset selection reads from a Class2D run."""
     diameter = cfg.data.particle_diameter
-    if diameter <= 0:
+    if diameter <= 0:        # the diameter the classification used (DIAMETER_FRACTION x box)
         info = _image_info(Path(f"{prefix}_data.star"))
-        diameter = round(0.75 * info[0] * info[1], 2) if info else 0.0
+        diameter = round(cfg.diameter_angst(*info), 2) if info else 0.0
     use_ctf = int(cfg.data.use_ctf)
     items = [
         ("rlnOutputRootName", os.path.dirname(prefix) + "/run"),
@@ -437,8 +438,7 @@ def run_job(argv: Sequence[str] | None = None,
                 _remove(os.path.join(job_dir, name))
 
         args, unknown = build_parser().parse_known_args(argv)
-        if unknown:
-            logger.warning("ignoring argument(s) cryo-drvae does not know: %s", " ".join(unknown))
+        sort_extra_arguments(unknown).report(strict=False, command="cryo-drvae-relion")
         if not os.path.isfile(args.in_parts):
             raise InputFileError(f"{args.in_parts}: input particles STAR file (--in_parts) not found "
                                  f"(working folder {os.getcwd()}); run the job from the RELION project folder")

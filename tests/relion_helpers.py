@@ -133,6 +133,7 @@ def make_particle_set(out_dir: Path, *, n_classes: int = 3, n_per_class: int = 2
 @dataclass
 class FakeResult:
     paths: dict[str, Path]
+    n_rounds: int | None = None      # rounds run (the real pipeline's RunResult.n_rounds)
 
 
 class FakePipeline:
@@ -144,8 +145,9 @@ class FakePipeline:
     """
 
     def __init__(self, steps: int = 1, delay: float = 0.0, write_data_first: bool = False,
-                 raises: BaseException | None = None) -> None:
+                 raises: BaseException | None = None, rounds_run: int | None = None) -> None:
         self.steps, self.delay, self.write_data_first, self.raises = steps, delay, write_data_first, raises
+        self.rounds_run = rounds_run
         self.calls: list = []
 
     def __call__(self, cfg, should_abort: Callable[[], bool] = lambda: False) -> FakeResult:
@@ -187,7 +189,7 @@ class FakePipeline:
         starfile.write({"model_general": general, "model_classes": classes}, paths["model_star"], overwrite=True)
         for key in ("classes_png", "convergence_png"):
             paths[key].write_bytes(b"\x89PNG\r\n\x1a\n")
-        return FakeResult(paths)
+        return FakeResult(paths, self.rounds_run)
 
 
 # ---- RELION 3.1.3's External job command line ----------------------------------------------------

@@ -150,3 +150,34 @@ def test_first_classes_from_a_subset_still_classify_everyone(small_set, tmp_path
     data = starfile.read(tmp_path / "run_data.star")["particles"]
     assert len(result.labels) == 240
     assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= 0.85
+
+
+def test_rounds_run_are_reported_and_the_first_change_is_measured(classified):
+    """The first round's 'changed' is against the first classes' labels (not 100 %), and the
+    run reports the rounds it actually ran (RELION's rlnCurrentIteration)."""
+    _, _, result = classified
+    history = result.result.history
+    rounds = [h for h in history if h["round"] > 0]
+    assert result.n_rounds == len(rounds) == rounds[-1]["round"]
+    assert rounds[0]["changed_fraction"] < 0.5          # a clean set: the first classes mostly hold
+    assert all(h["changed_fraction"] >= 0.01 for h in rounds[:-1])     # it ran on while not converged
+    assert result.n_rounds == 4 or rounds[-1]["changed_fraction"] < 0.01
+
+
+def test_changed_fraction_counts_only_particles_that_had_a_label():
+    from cryo_drvae.pipeline import changed_fraction
+    before = np.array([-1, 0, 1, 1, -1])
+    assert changed_fraction(before, np.array([2, 0, 1, 0, 2])) == pytest.approx(1 / 3)
+    assert changed_fraction(np.full(3, -1), np.zeros(3, int)) == 1.0
+
+
+def test_an_empty_grown_class_keeps_a_finite_prior():
+    """Class growing on a handful of particles can empty a class (prior 0); the rounds' balanced
+    assignment needs finite costs (it raised 'cost contains NaN or infinite values')."""
+    from cryo_drvae.pipeline import floored_log_prior
+    with np.errstate(divide="ignore"):
+        grown = np.log(np.array([1.0, 0.0, 0.0]))
+    floored = floored_log_prior(grown, balance=0.2)
+    assert np.all(np.isfinite(floored)) and np.exp(floored).sum() == pytest.approx(1.0)
+    assert np.exp(floored).min() >= 0.2 / 3 / 1.2 - 1e-9
+    assert np.all(np.isfinite(floored_log_prior(grown, balance=0.0)))

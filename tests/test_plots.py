@@ -50,3 +50,34 @@ def test_side_by_side(tmp_path):
     assert _is_png(plot_side_by_side(rows, tmp_path / "side.png", title="K=4"))
     with pytest.raises(ValueError, match="truth"):
         plot_side_by_side({"truth": np.zeros((16, 16))}, tmp_path / "bad.png")
+
+
+def test_gallery_titles_give_share_and_resolution():
+    from cryo_drvae.plots import panel_title
+    assert panel_title(2, 30, 120, 14.4) == "class 3: 30 (25.0 %)\n14 Å"
+    assert panel_title(0, 0, 120, 999.0) == "class 1: 0 (0.0 %)"
+
+
+def test_gallery_uses_one_intensity_scale_for_all_classes():
+    from cryo_drvae.plots import common_limits
+    faint = np.full((16, 16), 0.1)
+    strong = np.zeros((16, 16))
+    strong[4:12, 4:12] = 10.0
+    empty = np.full((16, 16), 1000.0)               # an empty class must not set the scale
+    low, high = common_limits(np.stack([faint, strong, empty]), np.array([5, 5, 0]))
+    assert low == pytest.approx(0.0) and high == pytest.approx(10.0)
+
+
+def test_scale_bar_is_a_round_length_near_a_quarter_of_the_box():
+    from cryo_drvae.plots import scale_bar_angst
+    assert scale_bar_angst(64, 3.0) == 20.0         # box 192 Å -> 48 Å target -> 20 Å
+    assert scale_bar_angst(400, 1.0) == 100.0
+
+
+def test_convergence_axes_have_plain_names(tmp_path):
+    from cryo_drvae.plots import axis_label
+    assert axis_label("changed_fraction") == ("labels changed (%)", 100.0)
+    assert "_" not in axis_label("class_size_min")[0] and "_" not in axis_label("some_new_key")[0]
+    path = plot_class_gallery(np.random.default_rng(1).normal(size=(3, 16, 16)), np.array([4, 2, 0]),
+                              tmp_path / "g.png", resolution=np.array([20.0, 30.0, 999.0]), pixel_size=3.0)
+    assert _is_png(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import starfile
 
+from cryo_drvae.config import DIAMETER_FRACTION
 from relion_wrapper import external_job as ej
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -206,9 +207,36 @@ def test_success_writes_outputs_then_nodes_then_success_marker(project, logs, mo
     assert opt["rlnModelStarFile"] == f"{prefix}_model.star"
     assert opt["rlnExperimentalDataStarFile"] == f"{prefix}_data.star"
     assert opt["rlnOutputRootName"] == f"{job}/run"
-    assert opt["rlnParticleDiameter"] == pytest.approx(0.75 * 16 * 3.0)
+    assert opt["rlnParticleDiameter"] == pytest.approx(DIAMETER_FRACTION * 16 * 3.0)   # what the run used
     refs = starfile.read(f"{prefix}_class_averages.star")
     assert list(refs["rlnReferenceImage"]) == [f"{k:06d}@{prefix}_class_averages.mrcs" for k in (1, 2, 3)]
+
+
+def test_current_iteration_is_the_rounds_actually_run(project, logs):
+    parts, job = project
+    rc = ej.run_job(_argv(parts, job, "--K", "3", "--iter", "5"), pipeline_run=FakePipeline(rounds_run=2))
+    assert rc == 0, logs.readouterr().err
+    opt = starfile.read(job / "run_it005_optimiser.star")
+    assert opt["rlnCurrentIteration"] == 2 and opt["rlnNumberOfIterations"] == 5
+
+
+def test_relion_class2d_flags_follow_the_shared_policy(project, logs):
+    """RELION names with a meaning here are used; the other relion_refine flags are warned about."""
+    parts, job = project
+    pipeline = FakePipeline()
+    rc = ej.run_job(_argv(parts, job, "--nr_classes", "3", "--ctf", "--tau2_fudge", "2", "--offset_range", "4",
+                          "--angpix", "2.5", "--dont_check_norm", "--tolerance", "0.05", "--pool", "30",
+                          "--zero_mask", "--random_seed", "9"), pipeline_run=pipeline)
+    assert rc == 0
+    cfg = pipeline.calls[0]
+    assert cfg.cluster.n_classes == 3 and cfg.cluster.max_shift_px == 4.0 and cfg.data.pixel_size == 2.5
+    assert cfg.cluster.tolerance == 0.05 and cfg.seed == 9
+    err = logs.readouterr().err
+    warned = [line for line in err.splitlines() if "no equivalent" in line]
+    assert len(warned) == 1
+    for flag in ("--ctf", "--tau2_fudge 2", "--pool 30", "--zero_mask"):
+        assert flag in warned[0]
+    assert "dont_check_norm" not in err and "does not know" not in err
 
 
 def test_unknown_arguments_warn_but_do_not_fail(project, logs):
