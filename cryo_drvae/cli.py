@@ -65,7 +65,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--i", "particles_star", required=True, type=click.Path(dir_okay=False),
-              help="Input particles STAR file (RELION 3.0 or 3.1+).")
+              help="Input particles: RELION STAR file (3.0 or 3.1+) or cryoSPARC particle .cs.")
 @click.option("--o", "output_prefix", required=True,
               help="Output prefix, e.g. Class2D/job010/run: writes <o>_data.star, <o>_model.star, ...")
 @click.option("--K", "n_classes", type=int, default=50, show_default=True, help="Number of classes.")
@@ -81,7 +81,10 @@ def main() -> None:
 @click.option("--drvae/--no_drvae", "use_drvae", default=None,
               help="Start from DRVAE-denoised BSK-means++ (the paper's step 2) instead of class growing.")
 @click.option("--no_ctf", is_flag=True, help="Ignore CTF parameters (e.g. for phase-flipped data).")
-@click.option("--data_dir", default=None, help="Folder image paths are relative to (default: working dir).")
+@click.option("--data_dir", default=None,
+              help="Folder image paths are relative to: RELION or cryoSPARC project (default: working dir).")
+@click.option("--cs_out", is_flag=True, default=None,
+              help="Also write cryoSPARC outputs (<o>_particles.cs, <o>_templates.cs); always for a .cs input.")
 @click.option("--working_box", type=int, default=None, help="Working box in px after Fourier cropping.")
 @click.option("--psi_step", type=float, default=None, help="In-plane angular step in degrees.")
 @click.option("--preread_images", is_flag=True, default=None,
