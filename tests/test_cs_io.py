@@ -224,3 +224,58 @@ def test_star_input_without_cs_out_writes_no_cs(project, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run_data.star").exists()
     assert not list(tmp_path.glob("*.cs")) and not (tmp_path / "run_class_averages.mrc").exists()
+
+
+#: Field layout of a particle .cs from cryoSPARC's Extract job (as in cryosparc-tools' T20S fixture).
+EXTRACT_FIELDS = [("blob/path", "O"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"),
+                  ("blob/sign", "<f4"), ("blob/import_sig", "<u8"), ("ctf/type", "O"), ("ctf/exp_group_id", "<u4"),
+                  ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"),
+                  ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"),
+                  ("ctf/scale", "<f4"), ("ctf/scale_const", "<f4"), ("ctf/shift_A", "<f4", (2,)),
+                  ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)), ("ctf/tetra_A", "<f4", (4,)),
+                  ("ctf/anisomag", "<f4", (4,)), ("ctf/bfactor", "<f4"),
+                  ("location/micrograph_path", "O"), ("location/center_x_frac", "<f4")]
+
+
+def test_cryosparc_extract_layout_classifies_like_the_star(project, runs, tmp_path, monkeypatch):
+    """An Extract-job style project: *_particles.mrc stacks in micrograph contrast (blob/sign -1),
+    the full blob/ctf/location field set, run from the project folder without --data_dir."""
+    star = star_io.read_particles(project["exact_star"])
+    stack = ParticleStack.from_table(star, data_dir=project["exact_star"].parent)
+    exact = cs_io.star_to_dataset(star, seed=1)
+    ds = Dataset.allocate(len(exact), EXTRACT_FIELDS)
+    ds["uid"] = exact["uid"]
+    extract = tmp_path / "P9" / "J30" / "extract"
+    extract.mkdir(parents=True)
+    for code, name in enumerate(sorted(set(exact["blob/path"]))):
+        rows = np.flatnonzero(exact["blob/path"] == name)
+        mrc_name = f"J30/extract/{code:021d}_mic{code}_patch_aligned_doseweighted_particles.mrc"
+        with mrcfile.new(tmp_path / "P9" / mrc_name) as mrc:
+            mrc.set_data(-stack.read(rows))                    # micrograph contrast: protein dark
+        ds["blob/path"][rows] = mrc_name
+        ds["location/micrograph_path"][rows] = f"J14/motioncorrected/mic{code}.mrc"
+    stack.close()
+    for field in ["blob/idx", "blob/shape", "blob/psize_A", "ctf/exp_group_id", *cs_io.CTF_FIELDS]:
+        ds[field] = exact[field]
+    ds["blob/sign"] = -1.0
+    ds["ctf/type"] = "spline"
+    ds["ctf/anisomag"] = [1.0, 0.0, 0.0, 1.0]
+    cs_path = tmp_path / "P9" / "J30" / "J30_particles.cs"
+    cs_io.save_dataset(cs_path, ds)
+    assert Dataset.load(cs_path)["blob/path"][0].startswith("J30/extract/")
+
+    monkeypatch.chdir(tmp_path / "P9")
+    result = CliRunner().invoke(main, ["classify", "--i", "J30/J30_particles.cs", "--o", "Class2D/run",
+                                       "--K", "4", "--j", "1", "--iter", "3", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    data = starfile.read("Class2D/run_data.star")["particles"]
+    reference = starfile.read(f"{runs['star']}_data.star")["particles"]
+    assert np.array_equal(data["rlnClassNumber"], reference["rlnClassNumber"])
+    assert data["rlnImageName"].iloc[0] == f"000001@{ds['blob/path'][0]}"
+    assert data["rlnMicrographName"].iloc[0] == "J14/motioncorrected/mic0.mrc"
+    out = Dataset.load("Class2D/run_particles.cs")
+    assert np.array_equal(out["alignments2D/class"], data["rlnClassNumber"] - 1)
+    assert np.array_equal(out["ctf/anisomag"], ds["ctf/anisomag"]) and np.all(out["blob/sign"] == -1)
+    with mrcfile.open("Class2D/run_class_averages.mrc") as ours, \
+            mrcfile.open(f"{runs['star']}_class_averages.mrcs") as relion:
+        assert np.allclose(ours.data, relion.data, atol=1e-6)  # protein-positive, as the RELION run's
