@@ -91,7 +91,8 @@ def job_outputs(prefix: str | Path, project_dir: Path) -> tuple[Dataset, Dataset
     ``<prefix>_templates.cs`` with ``blob/path`` relative to the project folder (cryoSPARC's
     convention for blob paths)."""
     particles = Dataset.load(f"{prefix}_particles.cs")
-    particles = particles.filter_fields(lambda f: f == "uid" or f.startswith("alignments2D/"))
+    particles = particles.filter_fields([f for f in particles.fields()
+                                         if f == "uid" or f.startswith("alignments2D/")])
     templates = Dataset.load(f"{prefix}_templates.cs")
     relative = [_project_relative(Path(p), Path(project_dir)) for p in templates["blob/path"]]
     templates["blob/path"] = np.array(relative, dtype=object)
@@ -138,7 +139,7 @@ def run_external_job(cs: Any, args: argparse.Namespace) -> str:
     job.add_output("template", TEMPLATES_OUTPUT, slots=["blob"], title="2D class averages")
     with job.run():
         particles = job.load_input(INPUT_NAME, INPUT_SLOTS)
-        job_dir, project_dir = Path(str(job.dir)), Path(str(project.dir))
+        job_dir, project_dir = _folder(job), _folder(project)
         cfg = classify_config(write_input(particles, job_dir), project_dir, job_dir, args)
         setup_logging(Path(f"{cfg.output_prefix}_run.log"))
         job.log(f"cryo-drvae: classifying {len(particles)} particles into {args.K} classes")
@@ -165,6 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     logger.info("External job %s completed", uid)
     return 0
+
+
+def _folder(controller: Any) -> Path:
+    """``.dir`` of a job or project: a property in cryosparc-tools 5, a method in 4."""
+    folder = controller.dir
+    return Path(str(folder() if callable(folder) else folder))
 
 
 def _project_relative(path: Path, project_dir: Path) -> str:
