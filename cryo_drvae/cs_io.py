@@ -38,6 +38,8 @@ from .star_io import ParticleTable
 logger = logging.getLogger(__name__)
 
 CS_SUFFIX = ".cs"
+#: What :func:`write_cs_outputs` adds to an output prefix.
+CS_OUTPUT_SUFFIXES = ("_class_averages.mrc", "_templates.cs", "_particles.cs")
 #: Fields a particle .cs must have to be classified.
 REQUIRED_FIELDS = ("blob/path", "blob/idx", "blob/psize_A")
 #: cryoSPARC field -> (RELION column, factor from the .cs unit to the RELION unit).
@@ -207,9 +209,8 @@ def write_cs_outputs(prefix: str | os.PathLike, table: ParticleTable, result: Cl
         return {}
     check_outputs_writable(prefix)
     prefix = os.fspath(prefix)
-    paths = {"cs_class_averages": Path(f"{prefix}_class_averages.mrc"),
-             "cs_templates": Path(f"{prefix}_templates.cs"),
-             "cs_particles": Path(f"{prefix}_particles.cs")}
+    paths = {key: Path(f"{prefix}{suffix}") for key, suffix in
+             zip(("cs_class_averages", "cs_templates", "cs_particles"), CS_OUTPUT_SUFFIXES)}
     source = getattr(table, "dataset", None)
     if source is None:
         source = star_to_dataset(table, int(result.class_averages.shape[-1]), seed)

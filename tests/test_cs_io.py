@@ -279,3 +279,27 @@ def test_cryosparc_extract_layout_classifies_like_the_star(project, runs, tmp_pa
     with mrcfile.open("Class2D/run_class_averages.mrc") as ours, \
             mrcfile.open(f"{runs['star']}_class_averages.mrcs") as relion:
         assert np.allclose(ours.data, relion.data, atol=1e-6)  # protein-positive, as the RELION run's
+
+
+def test_relion_wrapper_takes_a_cs(project, tmp_path):
+    """The RELION External-job wrapper passes a .cs through; a missing blob fails cleanly, no outputs."""
+    from relion_wrapper import external_job
+
+    job = tmp_path / "External" / "job007"
+    job.mkdir(parents=True)
+    common = ["--o", f"{job}/", "--data_dir", str(project["sim"].star_path.parent), "--K", "4", "--j", "1",
+              "--iter", "2"]
+    assert external_job.run_job(["--in_parts", str(project["cs"]), *common]) == 0
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    labels = Dataset.load(job / "run_it002_particles.cs")["alignments2D/class"]
+    data = starfile.read(job / "run_it002_data.star")["particles"]
+    assert np.array_equal(labels, data["rlnClassNumber"] - 1)
+
+    ds = Dataset.load(project["cs"])
+    ds["blob/path"] = np.array([p.replace("stack_001", "lost") for p in ds["blob/path"]], dtype=object)
+    cs_io.save_dataset(tmp_path / "lost.cs", ds)
+    for name in job.iterdir():
+        name.unlink()
+    assert external_job.run_job(["--in_parts", str(tmp_path / "lost.cs"), *common]) == 1
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists()
+    assert not list(job.glob("run_it002_*"))
