@@ -131,12 +131,13 @@ def read_cs_particles(path: str | os.PathLike,
     particles[star_io.IMAGE_PIXEL_SIZE] = np.asarray(dataset["blob/psize_A"], dtype=np.float64)
     if "blob/shape" in fields:
         particles[star_io.IMAGE_SIZE] = np.asarray(dataset["blob/shape"])[:, -1].astype(np.int64)
+    _check_pixel_size(path, particles[star_io.IMAGE_PIXEL_SIZE].to_numpy())
+    _warn_missing_ctf(path, fields)
     _warn_ignored_aberrations(path, dataset, fields)
     sign = (np.asarray(dataset["blob/sign"], dtype=np.float32) if "blob/sign" in fields
             else np.ones(len(dataset), dtype=np.float32))
     table = CsParticleTable(path=path, particles=particles, optics=None, image_sign=sign,
                             dataset=dataset)
-    star_io._check_pixel_sizes(table)
     logger.info("read %d particles from %s (cryoSPARC dataset, %d fields; blob/sign %s)",
                 len(table), path, len(fields), ", ".join(f"{v:g}" for v in np.unique(sign)))
     return table
@@ -327,6 +328,24 @@ def _image_names(path: Path, dataset: Dataset, base: Path) -> list[str]:
     slices = np.asarray(dataset["blob/idx"], dtype=np.int64) + 1
     stacks = np.asarray(located, dtype=object)[codes]
     return [f"{s:06d}@{p}" for s, p in zip(slices, stacks)]
+
+
+def _check_pixel_size(path: Path, apix: NDArray[np.float64]) -> None:
+    bad = ~(np.isfinite(apix) & (apix > 0))
+    if bad.any():
+        raise InputFileError(f"{path}: blob/psize_A is not a positive number for {int(bad.sum())} of "
+                             f"{len(apix)} particles; fix the pixel size in cryoSPARC (e.g. re-import "
+                             f"or re-extract) and export the particles again")
+
+
+def _warn_missing_ctf(path: Path, fields: set[str]) -> None:
+    needed = [f for f, (column, _) in CTF_FIELDS.items()
+              if column in (star_io.DEFOCUS_U, star_io.DEFOCUS_V, star_io.DEFOCUS_ANGLE, star_io.VOLTAGE,
+                            star_io.SPHERICAL_ABERRATION, star_io.AMPLITUDE_CONTRAST)]
+    missing = [f for f in needed if f not in fields]
+    if missing:
+        logger.warning("%s: no %s (the ctf slot); pass a .cs that holds it (e.g. joined with the job's "
+                       "passthrough file) or classify with --no_ctf", path, ", ".join(missing))
 
 
 def _warn_ignored_aberrations(path: Path, dataset: Dataset, fields: set[str]) -> None:

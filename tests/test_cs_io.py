@@ -3,7 +3,7 @@ and the _particles.cs / _templates.cs written say what _data.star / _model.star 
 
 from __future__ import annotations
 
-import shutil
+import logging
 from pathlib import Path
 
 import mrcfile
@@ -303,3 +303,19 @@ def test_relion_wrapper_takes_a_cs(project, tmp_path):
     assert external_job.run_job(["--in_parts", str(tmp_path / "lost.cs"), *common]) == 1
     assert (job / "RELION_JOB_EXIT_FAILURE").exists()
     assert not list(job.glob("run_it002_*"))
+
+
+def test_bad_pixel_size_and_missing_ctf(project, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("cryo_drvae"), "propagate", True)   # a CLI run may have cut it
+    ds = Dataset.load(project["cs"])
+    no_ctf = ds.drop_fields([f for f in ds.fields() if f.startswith("ctf/")])
+    cs_io.save_dataset(tmp_path / "no_ctf.cs", no_ctf)
+    with caplog.at_level("WARNING"):
+        table = cs_io.read_cs_particles(tmp_path / "no_ctf.cs", data_dir=project["sim"].star_path.parent)
+    assert "no ctf/accel_kv, ctf/cs_mm" in caplog.text and "--no_ctf" in caplog.text
+    with pytest.raises(InputFileError, match=r"no_ctf\.cs: missing CTF column"):
+        params_from_particles(table.per_particle(), str(table.path))
+    ds["blob/psize_A"][3] = 0.0
+    cs_io.save_dataset(tmp_path / "zero.cs", ds)
+    with pytest.raises(InputFileError, match=r"zero\.cs: blob/psize_A is not a positive number for 1 of 200"):
+        cs_io.read_cs_particles(tmp_path / "zero.cs", data_dir=project["sim"].star_path.parent)
