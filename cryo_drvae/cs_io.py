@@ -136,6 +136,9 @@ def read_cs_particles(path: str | os.PathLike,
     _warn_ignored_aberrations(path, dataset, fields)
     sign = (np.asarray(dataset["blob/sign"], dtype=np.float32) if "blob/sign" in fields
             else np.ones(len(dataset), dtype=np.float32))
+    if not np.all(np.abs(sign) == 1):
+        raise InputFileError(f"{path}: blob/sign must be +1 or -1, found {sorted(set(sign.tolist()))[:4]}; "
+                             f"pass a particle .cs written by cryoSPARC")
     table = CsParticleTable(path=path, particles=particles, optics=None, image_sign=sign,
                             dataset=dataset)
     logger.info("read %d particles from %s (cryoSPARC dataset, %d fields; blob/sign %s)",

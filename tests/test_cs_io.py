@@ -315,6 +315,11 @@ def test_bad_pixel_size_and_missing_ctf(project, tmp_path, caplog, monkeypatch):
     assert "no ctf/accel_kv, ctf/cs_mm" in caplog.text and "--no_ctf" in caplog.text
     with pytest.raises(InputFileError, match=r"no_ctf\.cs: missing CTF column"):
         params_from_particles(table.per_particle(), str(table.path))
+    ds["blob/sign"][5] = 0.0
+    cs_io.save_dataset(tmp_path / "sign.cs", ds)
+    with pytest.raises(InputFileError, match=r"sign\.cs: blob/sign must be \+1 or -1, found \[0\.0, 1\.0\]"):
+        cs_io.read_cs_particles(tmp_path / "sign.cs", data_dir=project["sim"].star_path.parent)
+    ds["blob/sign"][5] = 1.0
     ds["blob/psize_A"][3] = 0.0
     cs_io.save_dataset(tmp_path / "zero.cs", ds)
     with pytest.raises(InputFileError, match=r"zero\.cs: blob/psize_A is not a positive number for 1 of 200"):
