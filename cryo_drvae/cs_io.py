@@ -199,7 +199,8 @@ def write_cs_outputs(prefix: str | os.PathLike, table: ParticleTable, result: Cl
 
     ``_particles.cs``: every field of the input dataset (a STAR input is described by
     :func:`star_to_dataset`), in input row order, with the alignments2D slot replaced by this
-    result: ``class`` (0-based, = slice of the averages), ``pose`` (in-plane angle, rad),
+    result: ``class`` (0-based, = slice of the averages), ``pose`` (in-plane angle, rad, in
+    [0, 2 pi) as cryoSPARC writes it),
     ``shift`` (px, of ``psize_A`` = ``blob/psize_A``), ``class_posterior`` (confidence),
     ``class_ess`` (1 / class_posterior, exact when the rest of the posterior sits on equally
     likely classes) and ``split`` (seeded random halves 0/1). A previous alignments2D slot is
@@ -241,7 +242,7 @@ def particles_dataset(source: Dataset, result: ClassificationResult, seed: int =
     out.add_fields(ALIGNMENT_FIELDS)
     confidence = np.clip(np.asarray(result.confidence, dtype=np.float64), 1e-6, 1.0)
     out["alignments2D/class"] = np.asarray(result.labels, dtype=np.uint32)
-    out["alignments2D/pose"] = np.deg2rad(np.asarray(result.psi_deg, dtype=np.float64))
+    out["alignments2D/pose"] = np.mod(np.deg2rad(np.asarray(result.psi_deg, dtype=np.float64)), 2 * np.pi)
     out["alignments2D/shift"] = np.asarray(result.origin_px, dtype=np.float64)
     out["alignments2D/psize_A"] = np.asarray(source["blob/psize_A"], dtype=np.float64)
     out["alignments2D/class_posterior"] = np.asarray(result.confidence, dtype=np.float64)

@@ -4,6 +4,7 @@ and the _particles.cs / _templates.cs written say what _data.star / _model.star 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import mrcfile
@@ -141,7 +142,7 @@ def test_alignments_slot_replaced_and_fields_kept():
     assert np.array_equal(out["uid"], source["uid"])
     assert np.array_equal(out["location/center_x_frac"], source["location/center_x_frac"])
     assert np.array_equal(out["alignments2D/class"], [1, 0, 1, 1])
-    assert np.allclose(out["alignments2D/pose"], [np.pi / 2, -np.pi / 4, 0.0, np.pi])
+    assert np.allclose(out["alignments2D/pose"], [np.pi / 2, 7 * np.pi / 4, 0.0, np.pi])   # [0, 2 pi)
     assert np.allclose(out["alignments2D/shift"], result.origin_px)
     assert np.allclose(out["alignments2D/class_ess"], [1 / 0.9, 2.0, 1.0, 4.0])
     assert sorted(np.bincount(out["alignments2D/split"])) == [2, 2]
@@ -187,7 +188,9 @@ def test_particles_cs_and_data_star_agree(project, runs):
         assert np.array_equal(out[field], source[field]), field
     psize = optics[star_io.IMAGE_PIXEL_SIZE].to_numpy()[particles[star_io.OPTICS_GROUP].to_numpy() - 1]
     assert np.array_equal(out["alignments2D/class"], particles["rlnClassNumber"] - 1)
-    assert np.allclose(np.rad2deg(out["alignments2D/pose"]), particles["rlnAnglePsi"], atol=1e-4)
+    turn = np.rad2deg(out["alignments2D/pose"]) - particles["rlnAnglePsi"]
+    assert np.allclose((turn + 180) % 360 - 180, 0, atol=1e-4)
+    assert np.all((out["alignments2D/pose"] >= 0) & (out["alignments2D/pose"] < 2 * np.pi))
     assert np.allclose(out["alignments2D/shift"][:, 0], particles["rlnOriginXAngst"] / psize, atol=1e-4)
     assert np.allclose(out["alignments2D/shift"][:, 1], particles["rlnOriginYAngst"] / psize, atol=1e-4)
     assert np.allclose(out["alignments2D/psize_A"], psize)
@@ -324,3 +327,24 @@ def test_bad_pixel_size_and_missing_ctf(project, tmp_path, caplog, monkeypatch):
     cs_io.save_dataset(tmp_path / "zero.cs", ds)
     with pytest.raises(InputFileError, match=r"zero\.cs: blob/psize_A is not a positive number for 1 of 200"):
         cs_io.read_cs_particles(tmp_path / "zero.cs", data_dir=project["sim"].star_path.parent)
+
+
+REAL_CS = os.environ.get("CRYO_DRVAE_REAL_CS")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CS, reason="set CRYO_DRVAE_REAL_CS to a cryoSPARC particle .cs beside its stack")
+def test_real_cryosparc_export(tmp_path):
+    """A real export (e.g. cryoDRGN's tests/data/empiar_10076_7.cs + .mrc, 7 particles, blob/sign -1)."""
+    source = Dataset.load(REAL_CS)
+    result = CliRunner().invoke(main, ["classify", "--i", REAL_CS, "--o", str(tmp_path / "run"), "--K", "2",
+                                       "--j", "1", "--iter", "2"])
+    assert result.exit_code == 0, result.output
+    out = Dataset.load(tmp_path / "run_particles.cs")
+    assert np.array_equal(out["uid"], source["uid"]) and len(out["alignments2D/class"]) == len(source)
+    with mrcfile.open(tmp_path / "run_class_averages.mrc") as mrc:
+        average = mrc.data[np.bincount(out["alignments2D/class"]).argmax()]
+    box = average.shape[-1]
+    y, x = np.mgrid[:box, :box] - box / 2
+    r = np.hypot(y, x)
+    assert average[r < box / 6].mean() > average[(r > box * 0.35) & (r < box * 0.45)].mean()  # protein bright
