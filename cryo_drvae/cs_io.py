@@ -313,7 +313,8 @@ def _image_names(path: Path, dataset: Dataset, base: Path) -> list[str]:
     """``N@stack`` per particle, each blob located once; one error naming every missing blob."""
     blobs = pd.Series([_strip_marker(p) for p in _as_text(dataset["blob/path"])])
     codes, unique = pd.factorize(blobs)
-    folders = [base] + list(path.resolve().parents)[:PARENT_LEVELS]
+    folders = [base] + [f for f in list(path.resolve().parents)[:PARENT_LEVELS]
+                        if f != base.resolve()]
     located, missing = [], []
     for name in unique:
         blob = Path(name)
@@ -325,10 +326,10 @@ def _image_names(path: Path, dataset: Dataset, base: Path) -> list[str]:
         located.append(name if found == candidates[0] else str(found))
     if missing:
         shown = ", ".join(missing[:3])
+        tried = ", ".join(str(f) for f in folders)
         raise InputFileError(f"{path}: {len(missing)} of {len(unique)} particle blobs not found "
-                             f"(e.g. {shown}); blob/path was resolved against {base} and then "
-                             f"{', '.join(str(f) for f in folders[1:])}; pass --data_dir "
-                             f"<cryoSPARC project folder>")
+                             f"(e.g. {shown}); blob/path was resolved against {tried}; pass "
+                             f"--data_dir <cryoSPARC project folder>")
     slices = np.asarray(dataset["blob/idx"], dtype=np.int64) + 1
     stacks = np.asarray(located, dtype=object)[codes]
     return [f"{s:06d}@{p}" for s, p in zip(slices, stacks)]
