@@ -3,16 +3,9 @@
 >>> table = read_any("P3/J12/J12_particles.cs", data_dir="P3")   # a .cs or a particles STAR
 >>> paths = write_cs_outputs("Class2D/run", table, result, seed=0)  # _particles.cs, _templates.cs
 
-A .cs becomes the same :class:`~cryo_drvae.star_io.ParticleTable` a RELION 3.0 STAR gives (one
-row per particle, optics values on every row), so the rest of the job cannot tell them apart.
-Conventions (cryoSPARC field -> RELION column, as pyem's ``csparc2star`` maps them):
-``blob/idx`` (0-based) + ``blob/path`` -> ``rlnImageName`` ``N@path`` (1-based; a leading ``>``
-is dropped); ``ctf/df1_A``, ``ctf/df2_A`` -> ``rlnDefocusU``, ``rlnDefocusV``;
-``ctf/df_angle_rad``, ``ctf/phase_shift_rad`` -> degrees; ``alignments2D/pose`` (rad) ->
-``rlnAnglePsi`` (deg); ``alignments2D/shift`` (px of ``alignments2D/psize_A``) ->
-``rlnOriginX/Y`` (px); ``alignments2D/class`` = ``rlnClassNumber`` - 1. ``blob/sign``
-multiplies the stored pixels (cryoSPARC extraction stores micrograph contrast and -1; imported
-RELION stacks, already protein-positive, +1), so every image reaches the job protein-positive.
+A .cs becomes the ParticleTable a RELION 3.0 STAR would give (optics values on every row), so the
+rest of the job cannot tell them apart; ``blob/sign`` multiplies the pixels as they are read. The
+field <-> column conventions (pyem's ``csparc2star`` mapping) are tabulated in docs/cryosparc.md.
 """
 
 from __future__ import annotations
