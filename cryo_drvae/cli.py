@@ -75,7 +75,7 @@ def _flags(field: str) -> tuple[str, ...]:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                 "max_content_width": 110})
 @click.option("--i", "particles_star", required=True, type=click.Path(dir_okay=False),
-              help="Input particles STAR file (RELION 3.0, or 3.1/4/5 with optics groups).")
+              help="Input particles: RELION STAR file (3.0, or 3.1/4/5 with optics groups) or cryoSPARC particle .cs.")
 @click.option("--o", "output_prefix", required=True,
               help="Output prefix, e.g. Class2D/job010/run: writes <o>_data.star, <o>_model.star, ...")
 @click.option(*_flags("n_classes"), "n_classes", type=int, default=_DEFAULTS.cluster.n_classes, show_default=True,
@@ -105,7 +105,9 @@ def _flags(field: str) -> tuple[str, ...]:
 @click.option("--psi_step", type=float, default=_DEFAULTS.cluster.psi_step, show_default=True,
               help="In-plane angular step in degrees.")
 @click.option("--data_dir", default=None,
-              help="Folder the image paths are relative to (RELION project folder). [default: working dir]")
+              help="Folder the image paths are relative to: RELION or cryoSPARC project. [default: working dir]")
+@click.option("--cs_out", is_flag=True, default=None,
+              help="Also write cryoSPARC outputs (<o>_particles.cs, <o>_templates.cs); always for a .cs input.")
 @click.option("--working_box", type=int, default=_DEFAULTS.data.working_box, show_default=True,
               help="Working box in px after Fourier cropping (0 = automatic: Nyquist near 12 Å, 32-64 px).")
 @click.option("--preread_images", is_flag=True, default=_DEFAULTS.data.preread_images,

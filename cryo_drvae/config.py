@@ -44,6 +44,7 @@ class DataConfig:
     use_ctf: bool = True
     preread_images: bool = False       # keep the working images in RAM instead of streaming them
     scratch_dir: str | None = None     # where streamed working images go (default: next to the outputs)
+    cs_out: bool = False               # also write cryoSPARC outputs for a STAR input (always for a .cs)
 
     def __post_init__(self) -> None:
         _require(self.particle_diameter >= 0, f"data.particle_diameter must be >= 0 Å, got {self.particle_diameter}")

@@ -26,6 +26,7 @@ from .alignment import to_relion_pose, transform_images
 from .averaging import class_averages
 from .clustering import reliable_mask
 from .config import RunConfig, gpu_ids
+from .cs_io import read_any, write_cs_outputs
 from .ctf import params_from_particles
 from .distributed import Comm, init_comm, shutdown
 from .errors import AbortRequested, ConfigError, InputFileError
@@ -35,7 +36,7 @@ from .preprocess import Preparation, WorkingSet, choose_working_box, plan_prepar
 from .refine import Assignment, Refiner, posterior
 from .splitting import grow_classes
 from .stack import ParticleStack
-from .star_io import ParticleTable, pixel_sizes, read_particles
+from .star_io import ParticleTable, pixel_sizes
 from .train import Denoiser, TrainingPairs
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
     ws: WorkingSet | None = None
     try:
         with timer("read"):
-            table = read_particles(cfg.data.particles_star, pixel_size=cfg.data.pixel_size or None)
+            table = read_any(cfg.data.particles_star, cfg.data.data_dir,   # STAR or cryoSPARC .cs
+                             pixel_size=cfg.data.pixel_size or None)
             check_class_count(table, cfg)
             stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
             ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
@@ -391,7 +393,8 @@ def final_result(stack: ParticleStack, ctf, pixel_size: float, ws: WorkingSet, r
 
 
 def write_everything(cfg: RunConfig, table: ParticleTable, result: ClassificationResult) -> dict[str, Path]:
-    """Pictures and config first, then the RELION outputs (data STAR last of all)."""
+    """Pictures and config first, then cryoSPARC outputs (a .cs input or --cs_out), then the RELION
+    outputs (data STAR last of all)."""
     prefix = cfg.output_prefix
     counts = np.bincount(result.labels, minlength=result.class_averages.shape[0])
     paths = {"classes_png": plots.plot_class_gallery(result.class_averages, counts, f"{prefix}_classes.png",
@@ -401,6 +404,7 @@ def write_everything(cfg: RunConfig, table: ParticleTable, result: Classificatio
     with atomic_path(config_path) as tmp:
         tmp.write_text(f"# cryo-drvae {__version__}\n# {' '.join(sys.argv)}\n" + cfg.to_yaml())
     paths["config"] = config_path
+    paths.update(write_cs_outputs(prefix, table, result, seed=cfg.seed, force=cfg.data.cs_out))
     paths.update(write_run_outputs(prefix, table, result))
     checkpoint_path(cfg).unlink(missing_ok=True)
     return paths

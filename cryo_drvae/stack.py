@@ -72,10 +72,11 @@ class ParticleStack:
     """
 
     def __init__(self, stacks: list[_StackInfo], stack_codes: NDArray[np.int64],
-                 slices: NDArray[np.int64]) -> None:
+                 slices: NDArray[np.int64], sign: NDArray[np.float32] | None = None) -> None:
         self._stacks = stacks
         self._codes = stack_codes
         self._slices = slices
+        self._sign = None if sign is None or np.all(sign == 1) else np.asarray(sign, np.float32)
         self._open: OrderedDict[int, MrcMemmap] = OrderedDict()
         self.n_particles = int(len(slices))
         self.box_size = stacks[0].box_size
@@ -124,7 +125,7 @@ class ParticleStack:
             raise
         logger.info("found %d particles in %d stacks, box %d px", len(slices), len(stacks),
                     stacks[0].box_size)
-        stack = cls(stacks, codes.astype(np.int64), slices)
+        stack = cls(stacks, codes.astype(np.int64), slices, table.image_sign)
         stack._open = opened
         return stack
 
@@ -145,7 +146,7 @@ class ParticleStack:
         Returns
         -------
         numpy.ndarray
-            ``(m, box_size, box_size)`` float32.
+            ``(m, box_size, box_size)`` float32, times the table's ``image_sign`` where it has one.
 
         Raises
         ------
@@ -166,6 +167,8 @@ class ParticleStack:
             if group.size:
                 code = int(codes[group[0]])
                 out[group] = self._read_slices(code, self._slices[indices[group]])
+        if self._sign is not None:   # cryoSPARC blob/sign: stored contrast -> protein-positive
+            out *= self._sign[indices][:, None, None]
         return out
 
     def iter_batches(self, batch_size: int, particles: ArrayLike | None = None

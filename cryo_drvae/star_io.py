@@ -78,11 +78,15 @@ class ParticleTable:
         One row per particle, in file order; columns exactly as starfile returned them.
     optics : pandas.DataFrame or None
         The ``data_optics`` table; ``None`` for a RELION 3.0 file (single data block).
+    image_sign : numpy.ndarray or None
+        ``(n,)`` factor the stored pixels are multiplied by when read (cryoSPARC's
+        ``blob/sign``, see :mod:`cryo_drvae.cs_io`); ``None``: pixels as stored (RELION).
     """
 
     path: Path
     particles: pd.DataFrame
     optics: pd.DataFrame | None
+    image_sign: NDArray[np.float32] | None = None
 
     def __len__(self) -> int:
         return len(self.particles)

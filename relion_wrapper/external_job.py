@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from cryo_drvae import __version__
 from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig, gpu_ids
+from cryo_drvae.cs_io import CS_OUTPUT_SUFFIXES
 from cryo_drvae.errors import AbortRequested, ConfigError, CryoDrvaeError, InputFileError
 from cryo_drvae.io_utils import atomic_path
 from cryo_drvae.relion_flags import FLAG_NAMES, sort_extra_arguments
@@ -54,7 +55,8 @@ NODE_TYPES: dict[str, tuple[int, str, str]] = {
 DEFAULT_RELION_VERSION = 5   # labels used when no pipeline file tells the version
 
 # Files the core pipeline writes for a prefix, plus the two the wrapper adds.
-PIPELINE_SUFFIXES = ("_data.star", "_model.star", "_class_averages.mrcs", "_classes.png", "_convergence.png")
+PIPELINE_SUFFIXES = ("_data.star", "_model.star", "_class_averages.mrcs", "_classes.png", "_convergence.png",
+                     *CS_OUTPUT_SUFFIXES)   # the cryoSPARC files, for a .cs input or --cs_out
 WRAPPER_SUFFIXES = ("_optimiser.star", "_class_averages.star")
 
 _BARE = "\0bare"            # value argparse stores for a label given without a value
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cryo-drvae-relion", allow_abbrev=False,
                 description="cryo-drvae 2D classification as a RELION External job.")
     p.add_argument("--o", required=True, help="job folder, e.g. External/job012/ (from RELION)")
-    p.add_argument("--in_parts", required=True, help="input particles STAR file (RELION 3.0 or 3.1+ format)")
+    p.add_argument("--in_parts", required=True, help="input particles STAR file (RELION 3.0 or 3.1+ format) or cryoSPARC .cs")
     p.add_argument("--j", default="1", help="threads (RELION's 'Number of threads')")
     p.add_argument("--gpu", nargs="?", const=_BARE, default=None,
                    help="GPU ids as in RELION ('0', '0,1'); the first is used; empty = GPU 0")
