@@ -120,6 +120,8 @@ def classify(verbose: bool, gpu: str | None, no_ctf: bool, **options: Any) -> No
 @click.option("--imbalance", type=float, default=1.0, show_default=True,
               help="Largest / smallest class size.")
 @click.option("--relion30", is_flag=True, help="Write a RELION 3.0-format STAR file.")
+@click.option("--junk", "junk_fraction", type=float, default=0.0, show_default=True,
+              help="Share of picks that are junk (empty ice, discs, carbon edges, aggregates, broken).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @clean_errors
 def simulate(out_dir: str, **options: Any) -> None:

@@ -69,6 +69,7 @@ from tqdm import tqdm
 from .ctf import CtfParams, ctf_images
 from .errors import ConfigError
 from .io_utils import atomic_path
+from .junk import KIND_COLUMN, mark_junk, render_junk
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class SimulationConfig:
     particles_per_stack: int = 500
     relion30: bool = False              # RELION 3.0 STAR: one block, per-row optics, rlnOriginX/Y px
     seed: int = 0
+    junk_fraction: float = 0.0          # share of picks turned into junk (cryo_drvae.junk); class 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defocus_range", tuple(float(v) for v in self.defocus_range))
@@ -145,6 +147,8 @@ class SimulationConfig:
         _require(self.particles_per_stack >= 1,
                  f"simulation.particles_per_stack must be >= 1, got {self.particles_per_stack}")
         _require(self.seed >= 0, f"simulation.seed must be >= 0, got {self.seed}")
+        _require(0 <= self.junk_fraction <= 0.9,
+                 f"simulation.junk_fraction must be in [0, 0.9], got {self.junk_fraction}")
 
     @property
     def diameter(self) -> float:
@@ -540,8 +544,9 @@ def _write_text(path: Path, text: str) -> None:
 def write_truth(out_dir: Path, truth: pd.DataFrame) -> Path:
     """``truth.csv`` (columns ``TRUTH_COLUMNS``) and ``truth_conventions.txt``."""
     path = out_dir / "truth.csv"
+    columns = TRUTH_COLUMNS + [c for c in (KIND_COLUMN,) if c in truth]   # junk sets only
     with atomic_path(path) as tmp:
-        truth[TRUTH_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
+        truth[columns].to_csv(tmp, index=False, float_format="%.6f")
     _write_text(out_dir / "truth_conventions.txt", _conventions_text())
     return path
 
@@ -569,14 +574,16 @@ def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike) -> Simul
                 cfg.n_particles, cfg.n_classes, cfg.n_shapes, cfg.box_size, cfg.pixel_size, cfg.snr, cfg.seed)
     streams = _rng_streams(cfg.seed)
     scene = build_scene(cfg)
-    truth = draw_particles(cfg, streams["particles"])
+    truth = mark_junk(draw_particles(cfg, streams["particles"]), cfg)
     names, micrographs = _image_names(cfg)
     truth.insert(0, "image_name", names)
 
     stack_paths = []
     for i, stack in enumerate(tqdm(_stack_names(cfg), desc="stacks", disable=None)):
         rows = truth.iloc[i * cfg.particles_per_stack:(i + 1) * cfg.particles_per_stack]
-        write_mrcs(out_dir / stack, render_particles(scene, cfg, rows, streams["noise"]), cfg.pixel_size)
+        images = render_particles(scene, cfg, rows, streams["noise"])
+        images = render_junk(scene, cfg, truth, rows.index, images, streams["noise"])   # junk rows only
+        write_mrcs(out_dir / stack, images, cfg.pixel_size)
         stack_paths.append(out_dir / stack)
 
     templates = render_projections(scene, np.arange(cfg.n_classes), np.zeros(cfg.n_classes),
