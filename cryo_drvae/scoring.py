@@ -1,0 +1,205 @@
+"""Per-class quality score (``rlnClassScore``, 0-1, higher is better) from the class averages and members.
+
+A class of real particle views has an average that is compact (its power sits inside the particle
+circle), centred, not rotationally featureless, free of long straight edges, resolved to a good
+fraction of Nyquist, and members that fit it confidently. Empty ice, ice/contaminant discs,
+carbon edges, aggregates and broken particles each fail one or more of these. The score is a
+weighted geometric mean of one factor in [0, 1] per property (``FEATURES`` below, docs/selection.md),
+so a class that clearly fails one property scores low whatever the others say.
+
+>>> scores = class_scores(result)                         # (K,) from a ClassificationResult
+>>> table = class_features(averages, counts, resolution, pixel_size, mean_confidence)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+logger = logging.getLogger(__name__)
+
+SCORE_COLUMN = "rlnClassScore"
+DEFAULT_DIAMETER_FRACTION = 0.6     # of the box, as classify's --particle_diameter default
+UNDEFINED_RESOLUTION = 999.0
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    """Exponents of the factors in the geometric mean (normalised to sum 1)."""
+
+    compactness: float = 2.0
+    centring: float = 1.0
+    structure: float = 1.0
+    straightness: float = 1.0
+    resolution: float = 2.0
+    confidence: float = 0.5
+
+    def as_dict(self) -> dict[str, float]:
+        values = {k: float(v) for k, v in self.__dict__.items()}
+        total = sum(values.values())
+        return {k: v / total for k, v in values.items()}
+
+
+#: Factor name -> what it measures (also the columns of ``class_features``).
+FEATURES = {
+    "compactness": "1 - (mean power outside the particle circle) / (mean power inside); "
+                   "0 for empty ice, carbon and large discs",
+    "centring": "exp(-(d / 0.4 r)^2), d the distance of the positive density's centroid from the box "
+                "centre, r the particle radius",
+    "structure": "share of the average's power inside the circle that its rotational average does NOT "
+                 "hold, over 0.15 (saturating): a featureless round blob (ice ball) has almost none",
+    "straightness": "1 - coherence^2 of the gradient structure tensor over the box: a straight edge "
+                    "(carbon) has all its gradients along one direction",
+    "resolution": "q / q_best, q = 2 pixel / resolution (share of Nyquist) and q_best the best "
+                  "class's, mapped (ratio - 0.25) / (0.8 - 0.25) and clipped; 0 for an undefined "
+                  "resolution or q below 3 % of Nyquist",
+    "confidence": "0.5 + 0.5 x the members' mean assignment confidence (rlnMaxValueProbDistribution)",
+}
+
+
+def radial_grid(box: int) -> NDArray[np.float64]:
+    """``(box, box)`` distance in px from the centre ``box // 2``."""
+    coords = np.arange(box) - box // 2
+    return np.hypot(coords[None, :], coords[:, None])
+
+
+def rotational_average(image: NDArray) -> NDArray[np.float64]:
+    """The image averaged over all in-plane rotations about ``box // 2`` (same shape)."""
+    box = image.shape[-1]
+    r = radial_grid(box)
+    index = np.round(r).astype(np.int64)
+    sums = np.bincount(index.ravel(), weights=image.ravel())
+    counts = np.bincount(index.ravel())
+    profile = sums / np.maximum(counts, 1)
+    return np.interp(r, np.arange(len(profile)), profile)
+
+
+def _compactness(image: NDArray, radius: float) -> float:
+    r = radial_grid(image.shape[-1])
+    inside, outside = r <= radius, (r > 1.1 * radius) & (r < image.shape[-1] / 2)
+    centred = image - np.median(image[outside])
+    p_in, p_out = np.mean(centred[inside] ** 2), np.mean(centred[outside] ** 2)
+    return float(np.clip(1.0 - p_out / max(p_in, 1e-30), 0.0, 1.0))
+
+
+def _centring(image: NDArray, radius: float) -> float:
+    box = image.shape[-1]
+    r = radial_grid(box)
+    outside = (r > 1.1 * radius) & (r < box / 2)
+    weight = np.clip(image - np.median(image[outside]), 0.0, None)
+    if weight.sum() <= 0:
+        return 0.0
+    coords = np.arange(box) - box // 2
+    cx = float((weight.sum(axis=0) * coords).sum() / weight.sum())
+    cy = float((weight.sum(axis=1) * coords).sum() / weight.sum())
+    return float(np.exp(-(np.hypot(cx, cy) / (0.4 * radius)) ** 2))
+
+
+def _structure(image: NDArray, radius: float) -> float:
+    r = radial_grid(image.shape[-1])
+    inside = r <= radius
+    centred = image - image[inside].mean()
+    round_part = rotational_average(centred)
+    total = np.sum(centred[inside] ** 2)
+    if total <= 0:
+        return 0.0
+    share = 1.0 - np.sum(round_part[inside] ** 2) / total
+    return float(np.clip(share / 0.15, 0.0, 1.0))
+
+
+def _straightness(image: NDArray) -> float:
+    smooth = gaussian_filter(np.asarray(image, dtype=np.float64), 1.0)
+    gy, gx = np.gradient(smooth)
+    jxx, jyy, jxy = np.sum(gx * gx), np.sum(gy * gy), np.sum(gx * gy)
+    trace = jxx + jyy
+    if trace <= 0:
+        return 0.0
+    coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / trace
+    return float(np.clip(1.0 - coherence ** 2, 0.0, 1.0))
+
+
+def nyquist_shares(resolution: NDArray, pixel_size: float) -> NDArray[np.float64]:
+    """``(K,)`` resolution as a share of Nyquist, ``2 pixel / resolution``; 0 where undefined."""
+    res = np.asarray(resolution, dtype=np.float64)
+    valid = np.isfinite(res) & (res > 0) & (res < UNDEFINED_RESOLUTION)
+    return np.where(valid, 2.0 * pixel_size / np.where(valid, res, 1.0), 0.0)
+
+
+def _resolution(share: float, best_share: float) -> float:
+    if share < 0.03 or best_share <= 0:
+        return 0.0
+    return float(np.clip((share / best_share - 0.25) / (0.8 - 0.25), 0.0, 1.0))
+
+
+def class_features(averages: NDArray, counts: NDArray, resolution: NDArray, pixel_size: float,
+                   mean_confidence: NDArray, diameter_px: float | None = None) -> pd.DataFrame:
+    """One row per class, one column per factor of ``FEATURES`` (each in [0, 1]).
+
+    Parameters
+    ----------
+    averages : (K, box, box) class averages (CTF-corrected, background near 0).
+    counts : (K,) members per class.
+    resolution : (K,) estimated resolution in Å (999 or inf: undefined).
+    pixel_size : Å/px of the averages.
+    mean_confidence : (K,) members' mean assignment confidence in [0, 1].
+    diameter_px : particle (mask) diameter in px; default 60 % of the box.
+    """
+    averages = np.asarray(averages, dtype=np.float64)
+    box = averages.shape[-1]
+    radius = 0.5 * (diameter_px if diameter_px else DEFAULT_DIAMETER_FRACTION * box)
+    shares = nyquist_shares(resolution, pixel_size)
+    best = float(shares[np.asarray(counts) > 0].max()) if (np.asarray(counts) > 0).any() else 0.0
+    rows = []
+    for k, image in enumerate(averages):
+        if counts[k] == 0 or not np.isfinite(image).all() or not image.any():
+            rows.append({name: 0.0 for name in FEATURES})
+            continue
+        rows.append({
+            "compactness": _compactness(image, radius),
+            "centring": _centring(image, radius),
+            "structure": _structure(image, radius),
+            "straightness": _straightness(image),
+            "resolution": _resolution(float(shares[k]), best),
+            "confidence": float(0.5 + 0.5 * np.clip(mean_confidence[k], 0.0, 1.0)),
+        })
+    return pd.DataFrame(rows, columns=list(FEATURES))
+
+
+def combine(features: pd.DataFrame, weights: ScoreWeights = ScoreWeights()) -> NDArray[np.float64]:
+    """Weighted geometric mean of the factor columns, ``(K,)`` in [0, 1]."""
+    log_score = np.zeros(len(features))
+    for name, weight in weights.as_dict().items():
+        log_score += weight * np.log(np.clip(features[name].to_numpy(dtype=np.float64), 1e-6, 1.0))
+    score = np.exp(log_score)
+    score[(features.to_numpy() == 0).all(axis=1)] = 0.0
+    return score
+
+
+def member_means(labels: NDArray, values: NDArray, n_classes: int) -> NDArray[np.float64]:
+    """``(K,)`` mean of ``values`` over each class's members (0 for an empty class)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    sums = np.bincount(labels, weights=np.asarray(values, dtype=np.float64), minlength=n_classes)
+    counts = np.bincount(labels, minlength=n_classes)
+    return sums / np.maximum(counts, 1)
+
+
+def class_scores(result, diameter_px: float | None = None,
+                 weights: ScoreWeights = ScoreWeights()) -> NDArray[np.float64]:
+    """``rlnClassScore`` of every class of a ``ClassificationResult``, ``(K,)`` in [0, 1] (0 = empty).
+
+    Uses only what the result holds: the class averages, their resolutions and pixel size, the
+    labels and the members' confidences.
+    """
+    k = result.n_classes
+    counts = result.class_counts()
+    confidence = member_means(result.labels, result.confidence, k)
+    features = class_features(result.class_averages, counts, result.class_resolution, result.pixel_size,
+                              confidence, diameter_px)
+    scores = combine(features, weights)
+    logger.debug("class features:\n%s", features.assign(score=scores).round(3).to_string())
+    return scores
