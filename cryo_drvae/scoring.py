@@ -38,9 +38,10 @@ class ScoreWeights:
     straightness: float = 1.0
     resolution: float = 2.0
     confidence: float = 0.5
+    contrast: float = 1.0
 
     def as_dict(self) -> dict[str, float]:
-        values = {k: float(v) for k, v in self.__dict__.items()}
+        values = {k: float(v) for k, v in self.__dict__.items() if v}
         total = sum(values.values())
         return {k: v / total for k, v in values.items()}
 
@@ -53,10 +54,14 @@ FEATURES = {
                 "centre, r the particle radius",
     "structure": "share of the average's power inside the circle that its rotational average does NOT "
                  "hold, over 0.15 (saturating): a featureless round blob (ice ball) has almost none",
-    "straightness": "1 - coherence^2 of the gradient structure tensor over the box: a straight edge "
-                    "(carbon) has all its gradients along one direction",
+    "straightness": "1 - coherence^2 of the gradient structure tensor outside 0.7 r: a straight edge "
+                    "(carbon) has all its gradients along one direction, a particle little signal there",
+    "contrast": "sd inside the circle relative to the good classes' (count-weighted median over the classes "
+                "the other factors score >= 0.5): (ratio - 0.5) / (0.85 - 0.5) below 1, 1 - (ratio - 1.6) / 1.4 "
+                "above 1.6, clipped; one protein's views carry similar contrast, broken particles and "
+                "blurred mixtures less, ice and carbon far more",
     "resolution": "q / q_best, q = 2 pixel / resolution (share of Nyquist) and q_best the best "
-                  "class's, mapped (ratio - 0.25) / (0.8 - 0.25) and clipped; 0 for an undefined "
+                  "class's, mapped (ratio - 0.35) / (0.9 - 0.35) and clipped; 0 for an undefined "
                   "resolution or q below 3 % of Nyquist",
     "confidence": "0.5 + 0.5 x the members' mean assignment confidence (rlnMaxValueProbDistribution)",
 }
@@ -112,9 +117,11 @@ def _structure(image: NDArray, radius: float) -> float:
     return float(np.clip(share / 0.15, 0.0, 1.0))
 
 
-def _straightness(image: NDArray) -> float:
+def _straightness(image: NDArray, radius: float) -> float:
     smooth = gaussian_filter(np.asarray(image, dtype=np.float64), 1.0)
     gy, gx = np.gradient(smooth)
+    outer = radial_grid(image.shape[-1]) > 0.7 * radius
+    gx, gy = gx[outer], gy[outer]
     jxx, jyy, jxy = np.sum(gx * gx), np.sum(gy * gy), np.sum(gx * gy)
     trace = jxx + jyy
     if trace <= 0:
@@ -133,7 +140,7 @@ def nyquist_shares(resolution: NDArray, pixel_size: float) -> NDArray[np.float64
 def _resolution(share: float, best_share: float) -> float:
     if share < 0.03 or best_share <= 0:
         return 0.0
-    return float(np.clip((share / best_share - 0.25) / (0.8 - 0.25), 0.0, 1.0))
+    return float(np.clip((share / best_share - 0.35) / (0.9 - 0.35), 0.0, 1.0))
 
 
 def class_features(averages: NDArray, counts: NDArray, resolution: NDArray, pixel_size: float,
@@ -163,11 +170,37 @@ def class_features(averages: NDArray, counts: NDArray, resolution: NDArray, pixe
             "compactness": _compactness(image, radius),
             "centring": _centring(image, radius),
             "structure": _structure(image, radius),
-            "straightness": _straightness(image),
+            "straightness": _straightness(image, radius),
+            "contrast": 1.0,                       # set below, relative to the good classes
             "resolution": _resolution(float(shares[k]), best),
             "confidence": float(0.5 + 0.5 * np.clip(mean_confidence[k], 0.0, 1.0)),
         })
-    return pd.DataFrame(rows, columns=list(FEATURES))
+    features = pd.DataFrame(rows, columns=list(FEATURES))
+    features["contrast"] = _relative_contrast(averages, np.asarray(counts), radius, features)
+    return features
+
+
+def _inside_sd(image: NDArray, radius: float) -> float:
+    return float(np.std(image[radial_grid(image.shape[-1]) <= radius]))
+
+
+def _relative_contrast(averages: NDArray, counts: NDArray, radius: float,
+                       features: pd.DataFrame) -> NDArray[np.float64]:
+    """The contrast factor: each class's sd inside the circle against the good classes' typical sd."""
+    sd = np.array([_inside_sd(a, radius) if n > 0 else 0.0 for a, n in zip(averages, counts)])
+    preliminary = combine(features.drop(columns="contrast"), ScoreWeights(contrast=0.0))
+    good = (preliminary >= 0.5) & (counts > 0)
+    if not good.any():
+        good = counts > 0
+    if not good.any():
+        return np.zeros(len(sd))
+    order = np.argsort(sd[good])
+    cumulative = np.cumsum(counts[good][order])
+    reference = sd[good][order][np.searchsorted(cumulative, 0.5 * cumulative[-1])]
+    ratio = sd / max(reference, 1e-30)
+    factor = np.where(ratio < 1.0, (ratio - 0.5) / (0.85 - 0.5), 1.0 - (ratio - 1.6) / 1.4)
+    factor = np.where((ratio >= 1.0) & (ratio <= 1.6), 1.0, factor)
+    return np.where(counts > 0, np.clip(factor, 0.0, 1.0), 0.0)
 
 
 def combine(features: pd.DataFrame, weights: ScoreWeights = ScoreWeights()) -> NDArray[np.float64]:
