@@ -42,7 +42,8 @@ Files
 ``particles.star`` (RELION 3.1: ``data_optics`` + ``data_particles``; or RELION 3.0 with
 ``relion30=True``), ``Particles/stack_NNN.mrcs`` (float32, ``particles_per_stack`` per stack),
 ``truth.csv``, ``truth_conventions.txt``, ``templates.mrcs`` (one clean, CTF-free projection per
-class, in class order) and ``simulation.yaml`` (the config). Image names such as
+class, in class order) and ``simulation.yaml`` (the config). With ``junk_fraction`` > 0 that share of
+every class's picks is junk (``cryo_drvae.junk``: class 0, and ``truth.csv`` gains a ``kind`` column). Image names such as
 ``000001@Particles/stack_001.mrcs`` are relative to the folder holding ``particles.star``;
 RELION resolves them against its project folder, so run RELION from that folder (our reader
 falls back to the STAR file's own folder).
