@@ -95,6 +95,13 @@ def test_every_junk_class_scores_below_every_real_view(runs, seed):
     assert np.all((scores >= 0) & (scores <= 1))
 
 
+@pytest.mark.parametrize("seed", [11, 12])
+def test_class_averages_stay_bounded(runs, seed):
+    """Corners beyond Nyquist were divided by a rotated CTF^2 of ~0 and blew some averages to 1e9."""
+    result = runs[seed][1]
+    assert np.abs(result.class_averages).max() < 100
+
+
 def test_model_star_carries_the_scores(runs):
     _, result, _, prefix = runs[11]
     project = runs[11][0]
