@@ -177,3 +177,52 @@ def test_relion_star_handler_reads_the_selected_particles(runs):
     assert set(copy["particles"]["rlnClassNumber"]) == {3, 4}
     assert len(copy["particles"]) == int(result.class_counts()[[2, 3]].sum()) < n_kept
     assert list(copy["optics"].columns) == list(blocks["optics"].columns)
+
+
+MICROGRAPHS_STAR = """
+# version 30001
+
+data_optics
+
+loop_
+_rlnOpticsGroupName #1
+_rlnOpticsGroup #2
+_rlnMicrographPixelSize #3
+_rlnVoltage #4
+_rlnSphericalAberration #5
+_rlnAmplitudeContrast #6
+opticsGroup1 1 4.5 300 2.7 0.1
+
+# version 30001
+
+data_micrographs
+
+loop_
+_rlnMicrographName #1
+_rlnOpticsGroup #2
+Micrographs/mic1.mrc 1
+"""
+
+
+@pytest.mark.relion
+@pytest.mark.skipif(shutil.which("relion_autopick") is None, reason="RELION 3.1.3 not installed")
+def test_relion_autopick_takes_the_kept_class_averages_as_references(runs):
+    """relion_autopick reads class_averages.star (rlnReferenceImage): one figure-of-merit map per kept class."""
+    import mrcfile
+    project, _, _, prefix = runs[11]
+    _kept_images(project, prefix, "Select/job015/", "--classes", "1,3,4")
+    (project / "Micrographs").mkdir(exist_ok=True)
+    with mrcfile.new(project / "Micrographs/mic1.mrc", overwrite=True) as mrc:
+        mrc.set_data(np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32))
+        mrc.voxel_size = 4.5
+    (project / "mics.star").write_text(MICROGRAPHS_STAR)
+    (project / "AutoPick/job016").mkdir(parents=True)
+    proc = subprocess.run(["relion_autopick", "--i", "mics.star", "--odir", "AutoPick/job016/", "--pickname", "autopick",
+                           "--ref", "Select/job015/class_averages.star", "--angpix_ref", "4.5", "--particle_diameter",
+                           "120", "--threshold", "0", "--min_distance", "100", "--lowpass", "20", "--shrink", "0",
+                           "--skip_optimise_scale", "--write_fom_maps"],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    # (this RELION build aborts afterwards while drawing logfile.pdf; the maps are written before that)
+    assert "Initialising FFTs for the references" in proc.stdout, proc.stdout + proc.stderr
+    maps = sorted((project / "AutoPick/job016/Micrographs").glob("mic1_autopick_ref*_bestCCF.spi"))
+    assert len(maps) == 3, proc.stdout + proc.stderr
