@@ -150,6 +150,19 @@ def test_select_classes_list_and_resolution(runs):
     assert list(selection.kept) == list(expected)
 
 
+def test_a_model_without_scores_is_scored_from_its_averages(runs):
+    """E.g. RELION's own Class2D output: select scores the classes itself, as classify would."""
+    project, result, _, prefix = runs[11]
+    model = starfile.read(project / f"{prefix}_model.star", always_dict=True)
+    model["model_classes"] = model["model_classes"].drop(columns=["rlnClassScore"])
+    (project / "Bare").mkdir(exist_ok=True)
+    starfile.write(model, project / "Bare/run_model.star", overwrite=True)
+    shutil.copy(project / f"{prefix}_data.star", project / "Bare/run_data.star")
+    with contextlib.chdir(project):
+        selection = load_selection(SelectionConfig("Bare/run", "unused"))
+    np.testing.assert_allclose(selection.classes["rlnClassScore"], class_scores(result), atol=1e-6)
+
+
 def test_select_bad_input_is_one_clear_line_and_writes_nothing(runs, tmp_path):
     project, _, _, prefix = runs[11]
     runner = CliRunner()
