@@ -139,7 +139,7 @@ def simulate(out_dir: str, **options: Any) -> None:
 @click.option("--o", "output_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder, e.g. Select/job012/.")
 @click.option("--min_score", type=float, default=None,
-              help="Keep classes with rlnClassScore >= this (default 0.85; none when --classes is given).")
+              help="Keep classes with rlnClassScore >= this (default 0.9; none when --classes is given).")
 @click.option("--min_resolution", type=float, default=None, help="Keep classes resolved to this (Å) or better.")
 @click.option("--classes", default=None, help="Keep these class numbers, e.g. 1,4,7.")
 @clean_errors

@@ -39,6 +39,7 @@ class ScoreWeights:
     resolution: float = 2.0
     confidence: float = 0.5
     contrast: float = 1.0
+    detail: float = 1.0
 
     def as_dict(self) -> dict[str, float]:
         values = {k: float(v) for k, v in self.__dict__.items() if v}
@@ -60,6 +61,9 @@ FEATURES = {
                 "the other factors score >= 0.5): (ratio - 0.5) / (0.85 - 0.5) below 1, 1 - (ratio - 1.6) / 1.4 "
                 "above 1.6, clipped; one protein's views carry similar contrast, broken particles and "
                 "blurred mixtures less, ice and carbon far more",
+    "detail": "share of the power inside the circle at 1.5 box/D to box/4 cycles per box (D the particle "
+              "diameter) of all power from 1 cycle up, relative to the good classes' (ratio mapped as for "
+              "contrast below 1): smooth blobs (ice, contaminants) and edges have little inner detail",
     "resolution": "q / q_best, q = 2 pixel / resolution (share of Nyquist) and q_best the best "
                   "class's, mapped (ratio - 0.35) / (0.9 - 0.35) and clipped; 0 for an undefined "
                   "resolution or q below 3 % of Nyquist",
@@ -171,12 +175,19 @@ def class_features(averages: NDArray, counts: NDArray, resolution: NDArray, pixe
             "centring": _centring(image, radius),
             "structure": _structure(image, radius),
             "straightness": _straightness(image, radius),
-            "contrast": 1.0,                       # set below, relative to the good classes
+            "contrast": 1.0,                       # contrast and detail: set below, relative to the good classes
+            "detail": 1.0,
             "resolution": _resolution(float(shares[k]), best),
             "confidence": float(0.5 + 0.5 * np.clip(mean_confidence[k], 0.0, 1.0)),
         })
     features = pd.DataFrame(rows, columns=list(FEATURES))
-    features["contrast"] = _relative_contrast(averages, np.asarray(counts), radius, features)
+    counts = np.asarray(counts)
+    relative = ["contrast", "detail"]
+    reference = _good_classes(features.drop(columns=relative), counts)
+    sd = np.array([_inside_sd(a, radius) if n > 0 else 0.0 for a, n in zip(averages, counts)])
+    detail = np.array([_detail(a, radius) if n > 0 else 0.0 for a, n in zip(averages, counts)])
+    features["contrast"] = _relative_factor(sd, counts, reference, upper=True)
+    features["detail"] = _relative_factor(detail, counts, reference, upper=False)
     return features
 
 
@@ -184,29 +195,53 @@ def _inside_sd(image: NDArray, radius: float) -> float:
     return float(np.std(image[radial_grid(image.shape[-1]) <= radius]))
 
 
-def _relative_contrast(averages: NDArray, counts: NDArray, radius: float,
-                       features: pd.DataFrame) -> NDArray[np.float64]:
-    """The contrast factor: each class's sd inside the circle against the good classes' typical sd."""
-    sd = np.array([_inside_sd(a, radius) if n > 0 else 0.0 for a, n in zip(averages, counts)])
-    preliminary = combine(features.drop(columns="contrast"), ScoreWeights(contrast=0.0))
+def _detail(image: NDArray, radius: float) -> float:
+    """Share of the masked average's power at inner-detail frequencies (1.5 box/D .. box/4 cycles)."""
+    box = image.shape[-1]
+    r = radial_grid(box)
+    inside = r <= radius
+    masked = np.where(inside, image - image[inside].mean(), 0.0)
+    power = np.abs(np.fft.fft2(masked)) ** 2
+    freq = np.fft.fftfreq(box) * box
+    q = np.hypot(freq[None, :], freq[:, None])
+    edge = 1.5 * box / (2 * radius)
+    low, high = (q >= 1) & (q < edge), (q >= edge) & (q <= box / 4)
+    total = power[low | high].sum()
+    return float(power[high].sum() / total) if total > 0 else 0.0
+
+
+def _good_classes(features: pd.DataFrame, counts: NDArray) -> NDArray[np.bool_]:
+    """Classes the absolute factors already call good (score >= 0.5): the reference for relative ones."""
+    preliminary = combine(features, ScoreWeights(contrast=0.0, detail=0.0))
     good = (preliminary >= 0.5) & (counts > 0)
-    if not good.any():
-        good = counts > 0
-    if not good.any():
-        return np.zeros(len(sd))
-    order = np.argsort(sd[good])
-    cumulative = np.cumsum(counts[good][order])
-    reference = sd[good][order][np.searchsorted(cumulative, 0.5 * cumulative[-1])]
-    ratio = sd / max(reference, 1e-30)
-    factor = np.where(ratio < 1.0, (ratio - 0.5) / (0.85 - 0.5), 1.0 - (ratio - 1.6) / 1.4)
-    factor = np.where((ratio >= 1.0) & (ratio <= 1.6), 1.0, factor)
-    return np.where(counts > 0, np.clip(factor, 0.0, 1.0), 0.0)
+    return good if good.any() else counts > 0
+
+
+def _relative_factor(values: NDArray, counts: NDArray, reference: NDArray[np.bool_],
+                     upper: bool) -> NDArray[np.float64]:
+    """``values`` against their count-weighted median over ``reference`` classes, mapped onto [0, 1].
+
+    Ratios of 0.85 and above score 1, falling linearly to 0 at 0.5; with ``upper`` also above 1.6,
+    falling to 0 at 3.
+    """
+    if not reference.any():
+        return np.zeros(len(values))
+    order = np.argsort(values[reference])
+    cumulative = np.cumsum(counts[reference][order])
+    typical = values[reference][order][np.searchsorted(cumulative, 0.5 * cumulative[-1])]
+    ratio = values / max(typical, 1e-30)
+    factor = np.clip((ratio - 0.5) / (0.85 - 0.5), 0.0, 1.0)
+    if upper:
+        factor = np.where(ratio > 1.6, np.clip(1.0 - (ratio - 1.6) / 1.4, 0.0, 1.0), factor)
+    return np.where(counts > 0, factor, 0.0)
 
 
 def combine(features: pd.DataFrame, weights: ScoreWeights = ScoreWeights()) -> NDArray[np.float64]:
-    """Weighted geometric mean of the factor columns, ``(K,)`` in [0, 1]."""
+    """Weighted geometric mean of the factor columns, ``(K,)`` in [0, 1] (missing columns are left out)."""
     log_score = np.zeros(len(features))
-    for name, weight in weights.as_dict().items():
+    used = {k: v for k, v in weights.as_dict().items() if k in features}
+    total = sum(used.values())
+    for name, weight in ((k, v / total) for k, v in used.items()):
         log_score += weight * np.log(np.clip(features[name].to_numpy(dtype=np.float64), 1e-6, 1.0))
     score = np.exp(log_score)
     score[(features.to_numpy() == 0).all(axis=1)] = 0.0

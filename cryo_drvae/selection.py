@@ -1,6 +1,6 @@
 """Subset selection of good classes, as RELION's Select job (and its 4.0 class ranker) writes it.
 
->>> paths = select_classes(SelectionConfig("Class2D/job010/run", "Select/job012/", min_score=0.85))
+>>> paths = select_classes(SelectionConfig("Class2D/job010/run", "Select/job012/", min_score=0.9))
 >>> paths["particles"]          # Select/job012/particles.star: the kept particles, every column kept
 
 A class is kept when it has members and passes every given criterion: ``rlnClassScore >= min_score``
@@ -36,7 +36,7 @@ from .io_utils import ensure_output_prefix
 logger = logging.getLogger(__name__)
 
 #: Default --min_score: see docs/selection.md for how it was chosen.
-DEFAULT_MIN_SCORE = 0.85
+DEFAULT_MIN_SCORE = 0.9
 SELECTED_COLUMN = "rlnSelected"
 OUTPUT_NAMES = {"particles": "particles.star", "class_averages": "class_averages.star",
                 "rank_model": "rank_model.star", "gallery": "rank_classes.png"}
