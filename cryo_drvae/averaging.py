@@ -99,6 +99,8 @@ def class_averages(stack: ParticleStack, ctf_params: CtfParams | None, pixel_siz
     ctf2_half = torch.fft.ifftshift(ctf2_sum, dim=(-2, -1))[..., : box // 2 + 1]
     shells = torch.from_numpy(shell_index(box)).clamp(max=box // 2)
     spectra, ssnr = wiener_filter(torch.fft.rfft2(numerator, norm="ortho"), ctf2_half, noise_var, shells)
+    # corners beyond Nyquist: the rotated CTF^2 is ~0 there, and 1/ctf2 blew single averages up to 1e8
+    spectra[:, torch.from_numpy(shell_index(box) > box // 2)] = 0
     averages = torch.fft.irfft2(spectra, s=(box, box), norm="ortho")
     counts = np.bincount(labels, minlength=n_classes)
     averages[torch.from_numpy(counts == 0)] = 0.0

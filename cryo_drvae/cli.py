@@ -1,4 +1,4 @@
-"""Command line: ``cryo-drvae classify | simulate | evaluate`` (RELION-style flags).
+"""Command line: ``cryo-drvae classify | simulate | select | evaluate`` (RELION-style flags).
 
 Each command builds a config, configures logging (stderr + a log file) and calls one library
 function; a ``CryoDrvaeError`` becomes one clean error line and exit status 1.
@@ -169,6 +169,8 @@ def classify(ctx: click.Context, verbose: bool, gpu: str | None, no_ctf: bool, d
 @click.option("--imbalance", type=float, default=1.0, show_default=True,
               help="Largest / smallest class size.")
 @click.option("--relion30", is_flag=True, help="Write a RELION 3.0-format STAR file.")
+@click.option("--junk", "junk_fraction", type=float, default=0.0, show_default=True,
+              help="Share of picks that are junk (empty ice, discs, carbon edges, aggregates, broken).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--project_dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="RELION project folder: image paths in particles.star are written relative to it, "
@@ -183,6 +185,27 @@ def simulate(out_dir: str, project_dir: str, **options: Any) -> None:
     options["pdb_files"] = tuple(p for p in (pdb_files or "").split(",") if p)
     result = simulate_dataset(SimulationConfig(**options), out_dir, project_dir=project_dir)
     click.echo(f"particles: {result.star_path}\ntruth: {result.truth_path}")
+
+
+@main.command(name="select")
+@click.option("--i", "input", required=True,
+              help="Classification: prefix (Class2D/job010/run), its _model.star, or its job folder.")
+@click.option("--o", "output_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder, e.g. Select/job012/.")
+@click.option("--min_score", type=float, default=None,
+              help="Keep classes with rlnClassScore >= this (default 0.9; none when --classes is given).")
+@click.option("--min_resolution", type=float, default=None, help="Keep classes resolved to this (Å) or better.")
+@click.option("--classes", default=None, help="Keep these class numbers, e.g. 1,4,7.")
+@clean_errors
+def select_command(input: str, output_dir: str, min_score: float | None, min_resolution: float | None,
+                   classes: str | None) -> None:
+    """Select good classes: particles.star, class_averages.star, rank_model.star, rank_classes.png."""
+    from .selection import SelectionConfig, parse_classes, select_classes
+
+    setup_logging()
+    paths = select_classes(SelectionConfig(input, output_dir, min_score, min_resolution, parse_classes(classes)))
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
 
 
 @main.command()

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from . import star_io
+from . import scoring, star_io
 from .errors import OutputError
 from .io_utils import atomic_path, ensure_output_prefix
 
@@ -63,6 +63,8 @@ class ClassificationResult:
         Pixel size of the averages, Å/px.
     history : list of dict
         One entry per round: ``{"round": int, "changed_fraction": float, "loss": float, ...}``.
+    particle_diameter_px : float
+        Particle diameter in px of the averages, the circle ``scoring`` measures inside (0 = 60 % of the box).
     """
 
     labels: np.ndarray
@@ -73,6 +75,7 @@ class ClassificationResult:
     class_resolution: np.ndarray
     pixel_size: float
     history: list[dict] = field(default_factory=list)
+    particle_diameter_px: float = 0.0    # mask diameter for the class score (0 = 60 % of the box)
 
     @property
     def n_classes(self) -> int:
@@ -133,7 +136,8 @@ def write_run_outputs(prefix: str | os.PathLike, table: star_io.ParticleTable,
     is ``NNNNNN@<prefix>_class_averages.mrcs`` with the prefix exactly as given (RELION wants
     project-relative paths). Accuracies are not estimated and hold RELION's ``999``; a
     non-finite resolution is written as ``999``; ``rlnOverallFourierCompleteness`` is 1 (0 for
-    an empty class). The particle count of each class is in ``rlnParticleNumber``.
+    an empty class). The particle count of each class is in ``rlnParticleNumber``, its quality
+    score (0-1, higher is better, 0 for an empty class; ``scoring.class_scores``) in ``rlnClassScore``.
 
     Parameters
     ----------
@@ -276,5 +280,6 @@ def _model_blocks(averages_name: str, table: star_io.ParticleTable,
         "rlnClassPriorOffsetX": np.zeros(k),
         "rlnClassPriorOffsetY": np.zeros(k),
         CLASS_COUNT_COLUMN: counts.astype(np.int64),
+        scoring.SCORE_COLUMN: scoring.class_scores(result, result.particle_diameter_px or None),
     })
     return {"model_general": general, "model_classes": classes}

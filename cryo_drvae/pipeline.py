@@ -389,7 +389,8 @@ def final_result(stack: ParticleStack, ctf, pixel_size: float, ws: WorkingSet, r
     return ClassificationResult(labels=assignment.labels, psi_deg=relion_psi, origin_px=relion_origin,
                                 confidence=np.clip(assignment.confidence, 0.0, 1.0),
                                 class_averages=averages, class_resolution=resolution,
-                                pixel_size=pixel_size, history=state.history)
+                                pixel_size=pixel_size, history=state.history,
+                                particle_diameter_px=2 * (ws.particle_radius - 1) * ws.scale)   # less the 1-px margin
 
 
 def write_everything(cfg: RunConfig, table: ParticleTable, result: ClassificationResult) -> dict[str, Path]:

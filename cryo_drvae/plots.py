@@ -149,6 +149,39 @@ def axis_label(key: str) -> tuple[str, float]:
     return AXIS_LABELS.get(key, (key.replace("_", " "), 1.0))
 
 
+def plot_ranked_gallery(class_averages: NDArray, counts: ArrayLike, scores: ArrayLike, kept: ArrayLike,
+                        path: str | os.PathLike) -> Path:
+    """Class averages best score first, titled ``class k: n  s=0.93``; kept framed green, rejected red and faded.
+
+    Raises
+    ------
+    ValueError
+        If ``counts``, ``scores`` or ``kept`` do not have one entry per class average.
+    """
+    counts, scores, kept = np.asarray(counts), np.asarray(scores, dtype=np.float64), np.asarray(kept, dtype=bool)
+    k = len(class_averages)
+    if class_averages.ndim != 3 or not counts.shape == scores.shape == kept.shape == (k,):
+        raise ValueError(f"need averages (K, box, box) and counts, scores, kept (K,), got "
+                         f"{class_averages.shape}, {counts.shape}, {scores.shape}, {kept.shape}")
+    rows, cols = grid_shape(k)
+    fig = Figure(figsize=(cols * TILE_INCHES, rows * (TILE_INCHES + 0.3) + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, c in zip(axes, np.argsort(-scores, kind="stable")):
+        _show(ax, class_averages[c], greyed=not kept[c])
+        colour = "tab:green" if kept[c] else "tab:red"
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(3 if kept[c] else 1.5)
+        ax.set_title(f"class {c + 1}: {counts[c]}\ns={scores[c]:.2f}", fontsize=7,
+                     color="black" if kept[c] else "tab:red")
+    for ax in axes[k:]:
+        ax.set_axis_off()
+    fig.suptitle(f"kept {int(kept.sum())} of {k} classes\n({int(counts[kept].sum())} of {int(counts.sum())} "
+                 f"particles)\ngreen kept, red rejected", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _numeric_keys(history: Sequence[Mapping]) -> list[str]:
     keys: list[str] = []
     for record in history:

@@ -42,7 +42,8 @@ Files
 ``particles.star`` (RELION 3.1: ``data_optics`` + ``data_particles``; or RELION 3.0 with
 ``relion30=True``), ``Particles/stack_NNN.mrcs`` (float32, ``particles_per_stack`` per stack),
 ``truth.csv``, ``truth_conventions.txt``, ``templates.mrcs`` (one clean, CTF-free projection per
-class, in class order) and ``simulation.yaml`` (the config). Image names such as
+class, in class order) and ``simulation.yaml`` (the config). With ``junk_fraction`` > 0 that share of
+every class's picks is junk (``cryo_drvae.junk``: class 0, and ``truth.csv`` gains a ``kind`` column). Image names such as
 ``000001@Particles/stack_001.mrcs`` are relative to the folder holding ``particles.star``, or,
 with ``project_dir`` (what ``cryo-drvae simulate`` passes: the current folder), relative to that
 project folder as RELION writes them (``000001@sim/Particles/stack_001.mrcs``), since RELION
@@ -72,6 +73,7 @@ from .errors import ConfigError
 from .io_utils import atomic_path
 from .progress import bar as tqdm
 from .structures import AtomicModel, read_atomic_model
+from .junk import KIND_COLUMN, mark_junk, render_junk
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,7 @@ class SimulationConfig:
     seed: int = 0
     pdb_files: tuple[str, ...] = ()     # atomic models (PDB/mmCIF); one shape each instead of blobs
     view_jitter_deg: float | None = None  # sd of each particle's tilt off its view; None: 2 (models), 0 (blobs)
+    junk_fraction: float = 0.0          # share of picks turned into junk (cryo_drvae.junk); class 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defocus_range", tuple(float(v) for v in self.defocus_range))
@@ -165,6 +168,8 @@ class SimulationConfig:
         _require(self.particles_per_stack >= 1,
                  f"simulation.particles_per_stack must be >= 1, got {self.particles_per_stack}")
         _require(self.seed >= 0, f"simulation.seed must be >= 0, got {self.seed}")
+        _require(0 <= self.junk_fraction <= 0.9,
+                 f"simulation.junk_fraction must be in [0, 0.9], got {self.junk_fraction}")
 
     @property
     def diameter(self) -> float:
@@ -230,6 +235,24 @@ class Scene:
     class_shape: NDArray[np.int64]
     class_rotation: NDArray[np.float64]
     sigma_px: float
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_shape)
+
+    def class_atoms(self, k: int) -> tuple[NDArray, NDArray]:
+        """Class ``k``'s atoms projected at its view (psi 0, no jitter): ``(A, 2)`` px and ``(A,)`` masses."""
+        s = self.class_shape[k]
+        keep = self.shape_weights[s] > 0
+        xy = self.shape_coords[s][keep].astype(np.float64) @ self.class_rotation[k][:2].T
+        return xy, self.shape_weights[s][keep]
+
+    @classmethod
+    def flat(cls, xy: NDArray, weights: NDArray, sigma_px: float) -> Scene:
+        """A one-class scene of atoms already projected: ``(A, 2)`` px and ``(A,)`` masses."""
+        coords = np.concatenate([xy, np.zeros((len(xy), 1))], axis=1)[None].astype(np.float32)
+        return cls(coords, np.asarray(weights, np.float32)[None], np.zeros(1, dtype=np.int64),
+                   np.eye(3)[None], sigma_px)
 
     @property
     def reach_px(self) -> float:
@@ -613,8 +636,9 @@ def _write_text(path: Path, text: str) -> None:
 def write_truth(out_dir: Path, truth: pd.DataFrame) -> Path:
     """``truth.csv`` (columns ``TRUTH_COLUMNS``) and ``truth_conventions.txt``."""
     path = out_dir / "truth.csv"
+    columns = TRUTH_COLUMNS + [c for c in (KIND_COLUMN,) if c in truth]   # junk sets only
     with atomic_path(path) as tmp:
-        truth[TRUTH_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
+        truth[columns].to_csv(tmp, index=False, float_format="%.6f")
     _write_text(out_dir / "truth_conventions.txt", _conventions_text())
     return path
 
@@ -657,7 +681,7 @@ def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike,
                 cfg.n_particles, cfg.n_classes, cfg.n_shapes, cfg.box_size, cfg.pixel_size, cfg.snr, cfg.seed)
     streams = _rng_streams(cfg.seed)
     scene = build_scene(cfg)
-    truth = draw_particles(cfg, streams["particles"])
+    truth = mark_junk(draw_particles(cfg, streams["particles"]), cfg)
     names, micrographs = _image_names(cfg)
     if project_dir is not None:
         names = project_relative_names(names, out_dir, project_dir)
@@ -666,7 +690,9 @@ def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike,
     stack_paths = []
     for i, stack in enumerate(tqdm(_stack_names(cfg), desc="stacks", disable=None)):
         rows = truth.iloc[i * cfg.particles_per_stack:(i + 1) * cfg.particles_per_stack]
-        write_mrcs(out_dir / stack, render_particles(scene, cfg, rows, streams["noise"]), cfg.pixel_size)
+        images = render_particles(scene, cfg, rows, streams["noise"])
+        images = render_junk(scene, cfg, truth, rows.index, images, streams["noise"])   # junk rows only
+        write_mrcs(out_dir / stack, images, cfg.pixel_size)
         stack_paths.append(out_dir / stack)
 
     templates = render_projections(scene, np.arange(cfg.n_classes), np.zeros(cfg.n_classes),

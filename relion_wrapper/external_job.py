@@ -8,7 +8,9 @@ RELION starts this program from the project directory as::
 It classifies the particles with :func:`cryo_drvae.pipeline.run`, writes the RELION-style
 ``run_itNNN_{data,model,optimiser}.star`` files, declares them in ``RELION_OUTPUT_NODES.star``
 and reports the outcome with RELION's marker files (``RELION_JOB_EXIT_SUCCESS``, ``..._FAILURE``,
-``..._ABORTED``). See ``docs/relion.md``.
+``..._ABORTED``). With ``--auto_select [--min_score S]`` it also selects the good classes
+(:mod:`cryo_drvae.selection`) into the job folder and declares the selected ``particles.star``
+(and ``class_averages.star``) as extra output nodes. See ``docs/relion.md`` and ``docs/selection.md``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ NODE_TYPES: dict[str, tuple[int, str, str]] = {
     "model": (8, "ProcessData.star.relion.model", "ProcessData.star.relion.model"),
     "optimiser": (9, "ProcessData.star.relion.optimiser.class2d", "OptimiserData.star.relion.class2d"),
     "class_averages_star": (5, "ImagesData.star.relion", "Image2DGroupMetadata.star.relion"),
+    # --auto_select: the Select job's outputs (cryo_drvae.selection)
+    "selected_particles": (3, "ParticlesData.star.relion", "ParticleGroupMetadata.star.relion"),
+    "selected_class_averages": (5, "ImagesData.star.relion.classaverages",
+                                "Image2DGroupMetadata.star.relion.classaverages"),
 }
 DEFAULT_RELION_VERSION = 5   # labels used when no pipeline file tells the version
 
@@ -102,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relion_version", choices=("3", "4", "5"), default=None,
                    help="node-type labels to write; default: detected from the pipeline STAR files")
     p.add_argument("--pipeline_control", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--auto_select", nargs="?", const=_BARE, default=None,
+                   help="also select the good classes (cryo-drvae select) into the job folder: particles.star, "
+                        "class_averages.star, rank_model.star, rank_classes.png")
+    p.add_argument("--min_score", default=None, help="--auto_select: keep classes scoring at least this (0-1)")
     group = p.add_argument_group("classification options (any DataConfig/TrainConfig/ClusterConfig field)")
     for name in _config_fields():
         flags = _ALIASES.get(name, (f"--{name}",))
@@ -306,6 +316,33 @@ def write_class_averages_star(prefix: str) -> Path:
     return final
 
 
+# ---- automatic selection ---------------------------------------------------------------------
+
+def _selection_names() -> tuple[str, ...]:
+    from cryo_drvae.selection import OUTPUT_NAMES
+    return tuple(OUTPUT_NAMES.values())
+
+
+def selection_from_args(args: argparse.Namespace, prefix: str, job_dir: str):
+    """The SelectionConfig for ``--auto_select [--min_score S]``, or None without --auto_select."""
+    from cryo_drvae.selection import SelectionConfig
+    wanted = _convert("auto_select", args.auto_select, False) if args.auto_select is not None else False
+    if not wanted:
+        if args.min_score is not None:
+            logger.warning("--min_score %s is ignored without --auto_select", args.min_score)
+        return None
+    min_score = _convert("min_score", args.min_score, 0.0) if args.min_score is not None else None
+    return SelectionConfig(prefix, job_dir, min_score=min_score)
+
+
+def auto_select(selection_cfg) -> list[tuple[str, str]]:
+    """Run the selection; the output nodes it adds."""
+    from cryo_drvae.selection import select_classes
+    paths = select_classes(selection_cfg)
+    return [(str(paths["particles"]), "selected_particles"),
+            (str(paths["class_averages"]), "selected_class_averages")]
+
+
 # ---- markers, logging, abort ----------------------------------------------------------------
 
 def touch(job_dir: str, name: str) -> None:
@@ -325,6 +362,14 @@ def _remove_outputs_since(prefix: str, job_dir: str, since: float) -> list[str]:
     removed = []
     for suffix in PIPELINE_SUFFIXES + WRAPPER_SUFFIXES:
         path = f"{prefix}{suffix}"
+        try:
+            if os.path.getmtime(path) >= since - 1.0:
+                os.remove(path)
+                removed.append(path)
+        except OSError:
+            pass
+    for name in _selection_names():
+        path = os.path.join(job_dir, name)
         try:
             if os.path.getmtime(path) >= since - 1.0:
                 os.remove(path)
@@ -446,6 +491,7 @@ def run_job(argv: Sequence[str] | None = None,
                                  f"(working folder {os.getcwd()}); run the job from the RELION project folder")
         cfg = config_from_args(args)
         prefix = cfg.output_prefix
+        selection_cfg = selection_from_args(args, prefix, job_dir)     # bad values fail before the run
         version = int(args.relion_version) if args.relion_version else detect_relion_version(job_dir)
         logger.info("cryo-drvae %s RELION External job; command: %s", __version__, " ".join(argv))
         logger.info("RELION version for output node types: %s",
@@ -479,9 +525,10 @@ def run_job(argv: Sequence[str] | None = None,
                 raise CryoDrvaeError(f"{path}: the classification finished but did not write this file")
         write_optimiser(prefix, cfg, getattr(result, "n_rounds", None))
         class_star = write_class_averages_star(prefix)
+        extra_nodes = auto_select(selection_cfg) if selection_cfg is not None else []
         write_output_nodes(job_dir, [(data_star, "data"), (model_star, "model"),
                                      (f"{prefix}_optimiser.star", "optimiser"),
-                                     (str(class_star), "class_averages_star")], version)
+                                     (str(class_star), "class_averages_star")] + extra_nodes, version)
         touch(job_dir, EXIT_SUCCESS)
         logger.info("done: %s, %s", data_star, model_star)
         return RC_SUCCESS

@@ -311,3 +311,57 @@ def test_abort_file_stops_the_run_and_leaves_no_outputs(project, logs, write_dat
     assert (job / ej.EXIT_ABORTED).exists()
     assert not (job / ej.EXIT_SUCCESS).exists() and not (job / ej.EXIT_FAILURE).exists()
     assert not list(job.glob("run_it*")) and not (job / ej.OUTPUT_NODES).exists()
+
+
+# ---- --auto_select ----------------------------------------------------------------------------
+
+class ScoredPipeline(FakePipeline):
+    """The stand-in pipeline, with given rlnClassScore values in its model STAR."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def __call__(self, cfg, should_abort=lambda: False):
+        result = super().__call__(cfg, should_abort)
+        blocks = starfile.read(result.paths["model_star"], always_dict=True)
+        blocks["model_classes"]["rlnClassScore"] = self.scores
+        starfile.write(blocks, result.paths["model_star"], overwrite=True)
+        return result
+
+
+@pytest.mark.parametrize("pipeline_text,label", [(PIPELINE_31, "ParticleGroupMetadata.star.relion"),
+                                                 (PIPELINE_40, "ParticlesData.star.relion")])
+def test_auto_select_writes_the_selected_particles_and_declares_them(project, logs, pipeline_text, label):
+    parts, job = project
+    (job / "job_pipeline.star").write_text(pipeline_text)
+    rc = ej.run_job(_argv(parts, job, "--K", "3", "--iter", "2", "--auto_select", "--min_score", "0.5"),
+                    pipeline_run=ScoredPipeline([0.9, 0.2, 0.95]))
+    assert rc == 0, logs.readouterr().err
+    data = starfile.read(job / "run_it002_data.star", always_dict=True)
+    kept = starfile.read(job / "particles.star", always_dict=True)
+    expected = data["particles"][data["particles"]["rlnClassNumber"].isin([1, 3])].reset_index(drop=True)
+    assert list(kept["particles"]["rlnImageName"]) == list(expected["rlnImageName"])
+    assert list(kept["particles"].columns) == list(data["particles"].columns)
+    nodes = starfile.read(job / ej.OUTPUT_NODES)
+    table = {row.rlnPipeLineNodeName: (row.rlnPipeLineNodeType, row.rlnPipeLineNodeTypeLabel)
+             for row in nodes.itertuples()}
+    assert table[f"{job}/particles.star"] == (3, label)
+    assert table[f"{job}/class_averages.star"][0] == 5
+    assert (job / "rank_model.star").exists() and (job / "rank_classes.png").exists()
+
+
+def test_without_auto_select_there_is_no_selection(project, logs):
+    parts, job = project
+    rc = ej.run_job(_argv(parts, job, "--K", "3", "--min_score", "0.5"), pipeline_run=ScoredPipeline([0.9, 0.2, 0.95]))
+    assert rc == 0
+    assert not (job / "particles.star").exists()
+    assert "--min_score 0.5 is ignored without --auto_select" in logs.readouterr().err
+
+
+def test_bad_min_score_fails_before_the_run(project, logs):
+    parts, job = project
+    pipeline = ScoredPipeline([0.9, 0.2, 0.95])
+    rc = ej.run_job(_argv(parts, job, "--K", "3", "--auto_select", "yes", "--min_score", "7"), pipeline_run=pipeline)
+    assert rc == 1 and (job / ej.EXIT_FAILURE).exists() and not pipeline.calls
+    assert "--min_score must be in [0, 1], got 7.0" in logs.readouterr().err
