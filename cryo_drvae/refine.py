@@ -28,6 +28,8 @@ from .progress import bar as tqdm
 
 logger = logging.getLogger(__name__)
 
+ML_REGULARISATION = 1e-2   # x noise variance, added to the summed CTF^2 of a class's references
+
 
 @dataclass
 class Assignment:
@@ -72,6 +74,7 @@ class Refiner:
                  comm: Comm = Comm(), n_total: int | None = None):
         """``ws`` holds this rank's shard of ``n_total`` particles (all of them on one process)."""
         self.ws, self.cfg, self.device, self.comm = ws, cfg, device, comm
+        self.reference_filter = cfg.reference_filter
         self.n_total = len(ws) if n_total is None else n_total
         box = ws.box_size
         max_shift = (cfg.max_shift_px or 0.1 * box * ws.scale) / ws.scale
@@ -179,7 +182,12 @@ class Refiner:
         numerator = numerator / self.coverage.cpu().clamp(min=0.3) * (self.coverage.cpu() > 0.05)
         spectrum = torch.fft.rfft2(numerator, norm="ortho")                 # (K, W, W/2+1)
         ctf2 = stats.ctf2_sums[:, self.shells]                              # (K, W, W/2+1)
-        filtered, _ = wiener_filter(spectrum, ctf2, self.ws.noise_var, self.shells)
+        if self.reference_filter == "wiener":
+            filtered, _ = wiener_filter(spectrum, ctf2, self.ws.noise_var, self.shells)
+        else:
+            # maximum likelihood: EM then never lowers the likelihood; Wiener shrinkage, weaker in
+            # larger classes, let them absorb their neighbours (measured: docs/method.md)
+            filtered = spectrum / (ctf2 + ML_REGULARISATION * self.ws.noise_var)
         refs = torch.fft.irfft2(filtered, s=(box, box), norm="ortho") * self.solvent_mask
         refs[stats.weights <= 0] = 0.0
         return refs

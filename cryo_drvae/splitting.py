@@ -248,7 +248,7 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
             break
         state = split_classes(ref, state, shell, shell, min(splits_per_stage(k), n_classes - k))
         k = state.refs.shape[0]
-    state = settle(ref, state, shell_end, settle_rounds, settle_tolerance)
+    state = settle(ref, state, shell_end, min(settle_rounds, 3), settle_tolerance)
     moved = improve_by_moves(ref, state, shell_end, should_abort=should_abort)
     if moved is not state:
         moved = settle(ref, moved, shell_end, settle_rounds, settle_tolerance)
@@ -298,8 +298,9 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
     best = total_log_likelihood(state)
     rejected: set[tuple[int, int]] = set()
     trials = failures = 0
+    scored = split_candidates(ref, state, split_shell)
     while trials < max_trials and failures < patience:
-        move = next_move(ref, state, split_shell, rejected)
+        move = next_move(ref, state, scored, rejected)
         if move is None:
             break
         slot, candidate = move
@@ -315,6 +316,7 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
         if kept:
             state, best, failures = proposal, value, 0
             rejected.clear()
+            scored = split_candidates(ref, state, split_shell)
         else:
             rejected.add((slot, candidate.index))
             failures += 1
@@ -323,11 +325,11 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
     return state
 
 
-def next_move(ref: Refiner, state: EMState, shell: float, rejected: set[tuple[int, int]],
+def next_move(ref: Refiner, state: EMState, scored: list[SplitCandidate], rejected: set[tuple[int, int]],
               width: int = 3) -> tuple[int, SplitCandidate] | None:
-    """The untried (slot, split) pair with the largest predicted gain among the ``width`` best of each."""
+    """The untried (slot, split) pair with the largest predicted gain among the ``width`` best of each
+    (``scored``: :func:`split_candidates` of ``state``)."""
     costs = deletion_costs(state)
-    scored = split_candidates(ref, state, shell)
     # the most heterogeneous classes, and the largest (at low SNR two merged views may not
     # stand out of the noise edge, but their class is about twice the size)
     by_size = sorted(scored, key=lambda c: -len(c.members))
