@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= demo_out
 JOBS ?= 2
 
-.PHONY: install install-relion demo test test-fast bench bench-quick bench-scale clean
+.PHONY: install install-relion demo test test-fast bench bench-quick bench-scale reliability clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-quick: $(STAMP) install-relion
 SIZES ?= 2000,20000,200000
 bench-scale: $(STAMP)
 	$(PY) bench/bench_scale.py --sizes $(SIZES) --j $(JOBS) $(if $(GPU),--gpu $(GPU))
+
+# bad inputs and faults (full disks, unnormalised stacks, --continue, locks, SIGTERM) -> a table
+reliability: $(STAMP)
+	$(PY) scripts/reliability_matrix.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
