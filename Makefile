@@ -24,7 +24,7 @@ install-relion:
 
 demo: $(STAMP)
 	$(VENV)/bin/cryo-drvae simulate --o $(DEMO_DIR)/sim --K 10 --n 1000 --snr 0.05 --seed 1
-	$(VENV)/bin/cryo-drvae classify --i $(DEMO_DIR)/sim/particles.star --o $(DEMO_DIR)/Class2D/run --K 10 --j $(JOBS)
+	$(VENV)/bin/cryo-drvae classify --i $(DEMO_DIR)/sim/particles.star --o $(DEMO_DIR)/Class2D/run --K 10 --j $(JOBS) --overwrite
 	$(VENV)/bin/cryo-drvae evaluate --truth $(DEMO_DIR)/sim/truth.csv --data $(DEMO_DIR)/Class2D/run_data.star
 	@echo "pictures: $(DEMO_DIR)/Class2D/run_classes.png $(DEMO_DIR)/Class2D/run_convergence.png"
 
@@ -45,9 +45,10 @@ SIZES ?= 2000,20000,200000
 bench-scale: $(STAMP)
 	$(PY) bench/bench_scale.py --sizes $(SIZES) --j $(JOBS) $(if $(GPU),--gpu $(GPU))
 
-# bad inputs and faults (full disks, unnormalised stacks, --continue, locks, SIGTERM) -> a table
+# bad inputs and faults (full disks, unnormalised stacks, --continue, locks, SIGTERM) -> a table;
+# SMALL_FS=<empty folder on a ~96 kB tmpfs> adds two real full-disk cases
 reliability: $(STAMP)
-	$(PY) scripts/reliability_matrix.py
+	$(PY) scripts/reliability_matrix.py $(if $(SMALL_FS),--small-fs $(SMALL_FS))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

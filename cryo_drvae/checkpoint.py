@@ -88,11 +88,11 @@ def load_checkpoint(path: Path, run_settings: dict[str, Any],
 
 
 def _check_input(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
-    if saved["sha256"] == now["sha256"] and saved["n_particles"] == now["n_particles"]:
+    if saved.get("sha256") == now["sha256"] and saved.get("n_particles") == now["n_particles"]:
         return
-    raise InputFileError(f"{path}: made from --i {saved['path']} ({saved['n_particles']} particles), "
+    raise InputFileError(f"{path}: made from --i {saved.get('path')} ({saved.get('n_particles')} particles), "
                          f"but --i {now['path']} ({now['n_particles']} particles) "
-                         f"{'is a different file' if saved['path'] != now['path'] else 'has changed since'}; "
+                         f"{'is a different file' if saved.get('path') != now['path'] else 'has changed since'}; "
                          f"resume with the same --i, or rerun without --continue and with --overwrite")
 
 

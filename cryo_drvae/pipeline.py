@@ -136,6 +136,8 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
         with timer("read"):
             table = read_particles(cfg.data.particles_star)
             check_class_count(table, cfg)
+            fingerprint = checkpoint.input_fingerprint(table.path, len(table))
+            state = load_checkpoint(cfg, fingerprint) if cfg.continue_run else None   # refuse early
             checks.warn_duplicate_rows(table)
             stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
             ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
@@ -149,8 +151,6 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
             ws = prepare_working_set(stack, plan, mine, scratch, loader_workers(cfg, len(mine)),
                                      should_abort=abort)
         refiner = Refiner(ws, cfg.cluster, device, comm, n_total=stack.n_particles)
-        fingerprint = checkpoint.input_fingerprint(table.path, len(table))
-        state = load_checkpoint(cfg, fingerprint) if cfg.continue_run else None
         denoiser = make_denoiser(ws, cfg, device, comm, state)
         if state is None:
             init_ws = initial_working_set(stack, plan, ws, cfg, comm, abort)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,15 +36,16 @@ from cryo_drvae.guard import FINISHED_SUFFIXES  # noqa: E402
 from cryo_drvae.simulate import SimulationConfig, simulate_dataset  # noqa: E402
 
 BASE = ["--K", "4", "--iter", "3", "--j", "1"]
+SMALL_FS: Path | None = None
 
 # Faults injected before the CLI starts (run with python -c).
 PRELUDES = {
-    "scratch_small": "import os\nclass _S: f_bavail, f_frsize = 256, 4096\nos.statvfs = lambda p: _S()\n",
+    "scratch_small": "import os\nclass _S: f_bavail, f_frsize = 10, 4096\nos.statvfs = lambda p: _S()\n",
     "short_writes": ("import os\nfrom cryo_drvae import store\n_w = os.pwrite\n"
                      "store.os.pwrite = lambda fd, d, off: _w(fd, bytes(d)[:4096], off)\n"),
     "scratch_enospc": ("import os, errno\nfrom cryo_drvae import store\n_w = os.pwrite\n_n = [0]\n"
                        "def _pw(fd, d, off):\n    _n[0] += 1\n"
-                       "    if _n[0] > 3: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+                       "    if _n[0] > 1: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
                        "    return _w(fd, d, off)\nstore.os.pwrite = _pw\n"),
     "output_enospc": ("import os, errno\nfrom cryo_drvae import star_io\n_l = star_io._write_loop\n"
                       "def _wl(h, b):\n    if len(b) < 100: return _l(h, b)\n    h.write('loop_')\n"
@@ -69,6 +71,7 @@ class Case:
     prelude: str | None = None
     before: list[tuple[list[str], str | None]] = field(default_factory=list)   # earlier runs (args, prelude)
     hold_lock: bool = False
+    small_fs: str | None = None                   # "scratch" or "output" on the --small-fs folder
 
 
 # ---- set changes ------------------------------------------------------------------------------
@@ -134,10 +137,12 @@ CASES = [
     Case("uint16 stack (x40 + 1000)", "ok", change=uint16),
     Case("per-image offsets and gains", "ok", change=per_image),
     Case("float64 data under a mode-2 header", "refused", change=float64_as_mode2),
-    Case("scratch disk too small (1 MB free)", "refused", prelude="scratch_small"),
+    Case("scratch disk too small (40 kB free)", "refused", prelude="scratch_small"),
     Case("scratch pwrite writes 4 kB per call", "ok", prelude="short_writes"),
     Case("scratch disk fills during the writes", "refused", prelude="scratch_enospc"),
     Case("output disk full at _data.star", "refused", prelude="output_enospc"),
+    Case("real full disk: scratch on the small filesystem", "refused", small_fs="scratch"),
+    Case("real full disk: outputs on the small filesystem", "refused", small_fs="output"),
     Case("... then --continue after freeing space", "ok", args=["--continue"],
          before=[([], "output_enospc")]),
     Case("existing outputs, no --overwrite", "refused", args=["--seed", "2"], before=[([], None)]),
@@ -198,12 +203,18 @@ def leftovers(prefix: Path) -> list[str]:
 
 
 def run_case(case: Case, source: Path, root: Path) -> dict[str, str]:
-    folder = root / case.name.replace(" ", "_").replace("/", "_").replace(".", "")
+    folder = root / re.sub(r"[^A-Za-z0-9]+", "_", case.name).strip("_")
     shutil.copytree(source, folder / "set")
     data = folder / "set"
     if case.change:
         case.change(data)
     prefix = folder / "out" / "run"
+    extra: list[str] = []
+    if case.small_fs == "output":
+        prefix = SMALL_FS / folder.name / "run"
+        extra = ["--scratch_dir", str(folder / "scratch")]
+    elif case.small_fs == "scratch":
+        extra = ["--scratch_dir", str(SMALL_FS / folder.name)]
     for args, prelude in case.before:
         cli(data / "particles.star", prefix, args, prelude)
     before_out = digest(prefix.parent, skip_log=True) if prefix.parent.exists() else None
@@ -218,7 +229,7 @@ def run_case(case: Case, source: Path, root: Path) -> dict[str, str]:
         holder.stdout.readline()
     started = time.perf_counter()
     try:
-        done = cli(data / "particles.star", prefix, case.args, case.prelude)
+        done = cli(data / "particles.star", prefix, case.args + extra, case.prelude)
     finally:
         if holder:
             holder.kill()
@@ -237,13 +248,16 @@ def run_case(case: Case, source: Path, root: Path) -> dict[str, str]:
     got = ("warned" if warnings and done.returncode == 0 else "ok") if done.returncode == 0 else \
         ("interrupted" if done.returncode in (130, 143) else "refused")
     left = leftovers(prefix)
-    if got == "interrupted":
-        left = [n for n in left if not n.endswith("_checkpoint.pt")]
-    if case.before and got != "ok" and before_out is not None:
-        partial = "none (earlier files unchanged)" if digest(prefix.parent, skip_log=True) == before_out \
-            else "CHANGED"
+    if got in ("ok", "warned"):      # a finished run: its outputs belong there, nothing else may
+        left = [n for n in left if ".tmp" in n or n.endswith(("_scratch", ".lock"))]
+    if case.small_fs:
+        left += [p.name for p in (SMALL_FS / folder.name).rglob("*.f32")]    # scratch left there?
+        shutil.rmtree(SMALL_FS / folder.name, ignore_errors=True)
+    if case.before and got not in ("ok", "warned") and before_out is not None:
+        same = digest(prefix.parent, skip_log=True) == before_out
+        partial = "none (earlier files unchanged)" if same and not left else "CHANGED " + ", ".join(left)
     else:
-        partial = "none" if not left or got in ("ok", "warned") else ", ".join(left)
+        partial = ", ".join(left) or "none"
     one_line = "Traceback" not in done.stderr
     return {"case": case.name, "expected": case.expect, "got": got, "exit": str(done.returncode),
             "one line": "yes" if one_line else "NO (traceback)", "left behind": partial,
@@ -251,7 +265,7 @@ def run_case(case: Case, source: Path, root: Path) -> dict[str, str]:
             "accuracy": accuracy, "s": f"{wall:.0f}", "message": _short(outcome.replace(f"{folder}/", ""))}
 
 
-def _short(text: str, width: int = 220) -> str:
+def _short(text: str, width: int = 260) -> str:
     text = text.replace("|", "/")
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -260,7 +274,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", help="keep the case folders here (default: a temporary folder)")
     parser.add_argument("--only", help="run only cases whose name contains this text")
+    parser.add_argument("--small-fs", type=Path,
+                        help="an empty folder on a ~96 kB filesystem (e.g. `mount -t tmpfs -o size=96k tmpfs "
+                             "DIR`) for two real full-disk cases; without it they are left out")
     args = parser.parse_args()
+    global SMALL_FS
+    SMALL_FS = args.small_fs
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="cryo_drvae_matrix_"))
     root.mkdir(parents=True, exist_ok=True)
     source = root / "_source"
@@ -268,7 +287,7 @@ def main() -> int:
         simulate_dataset(SimulationConfig(n_classes=4, n_particles=200, snr=0.5, box_size=32, pixel_size=3.0,
                                           particles_per_stack=100, seed=11), source)
     rows = []
-    cases = [c for c in CASES if not args.only or args.only in c.name]
+    cases = [c for c in CASES if (not args.only or args.only in c.name) and (SMALL_FS or not c.small_fs)]
     for case in cases:
         row = run_case(case, source, root)
         rows.append(row)

@@ -412,3 +412,13 @@ def test_bad_pixel_size_value_is_named_as_such(data):
     with pytest.raises(InputFileError, match="'rlnImagePixelSize' in data_optics is not a positive number") as caught:
         read_particles(star)
     assert "add" not in str(caught.value)
+
+
+def test_relion_wrapper_passes_overwrite(tmp_path):
+    """RELION owns the job folder: rerunning a job replaces its outputs, so the wrapper says so."""
+    from relion_wrapper import external_job as ej
+
+    args, _ = ej.build_parser().parse_known_args(["--o", str(tmp_path), "--in_parts", "p.star", "--j", "1"])
+    cfg = ej.config_from_args(args)
+    assert cfg.overwrite is True and cfg.continue_run is False
+    assert RunConfig.from_options(particles_star="p.star").overwrite is False     # the CLI's default
