@@ -422,3 +422,16 @@ def test_relion_wrapper_passes_overwrite(tmp_path):
     cfg = ej.config_from_args(args)
     assert cfg.overwrite is True and cfg.continue_run is False
     assert RunConfig.from_options(particles_star="p.star").overwrite is False     # the CLI's default
+
+
+def test_old_or_foreign_checkpoints_are_refused(tmp_path):
+    from cryo_drvae import checkpoint
+
+    old = tmp_path / "old.pt"
+    torch.save({"state": {"round": 2}, "config": "cluster: {}"}, old)       # no format: older version
+    with pytest.raises(InputFileError, match="old.pt: checkpoint from another cryo-drvae version"):
+        checkpoint.load_checkpoint(old, {}, {})
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": 2, "state": Path("x")}, pickled)                   # needs unpickling code
+    with pytest.raises(InputFileError, match="pickled.pt: cannot be read as a cryo-drvae checkpoint"):
+        checkpoint.load_checkpoint(pickled, {}, {})
