@@ -7,6 +7,7 @@ into place, so a reader never sees a half-written STAR file, stack or checkpoint
 from __future__ import annotations
 
 import os
+import signal
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -68,8 +69,13 @@ def staged_outputs() -> Iterator[list[tuple[Path, Path]]]:
         raise
     finally:
         _pending.reset(token)
-    for tmp, final in pending:
-        os.replace(tmp, final)
+    signals = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)   # no Ctrl-C between the renames
+    try:
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def ensure_output_prefix(prefix: str | os.PathLike) -> Path:

@@ -435,3 +435,11 @@ def test_old_or_foreign_checkpoints_are_refused(tmp_path):
     torch.save({"format": 2, "state": Path("x")}, pickled)                   # needs unpickling code
     with pytest.raises(InputFileError, match="pickled.pt: cannot be read as a cryo-drvae checkpoint"):
         checkpoint.load_checkpoint(pickled, {}, {})
+
+
+def test_constant_image_cannot_be_normalised(data):
+    rewrite_stacks(data, lambda d, i: np.where(np.arange(len(d))[:, None, None] == 6, 0.0, d).astype(np.float32)
+                   if i == 1 else d)
+    stack = ParticleStack.from_table(read_particles(data / "particles.star")).normalise(8.0)
+    with pytest.raises(InputFileError, match=r"stack_002\.mrcs: image 7 \(000007@\.\.\.\) has a constant background"):
+        stack.read(np.arange(200))
