@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -232,9 +233,9 @@ def run_case(case: Case, source: Path, root: Path) -> dict[str, str]:
     try:
         done = cli(data / "particles.star", prefix, case.args + extra, case.prelude)
     finally:
-        if holder:
-            holder.kill()
-            holder.wait()
+        if holder:                       # Ctrl-C: the holder releases and removes its lock
+            holder.send_signal(signal.SIGINT)
+            holder.wait(30)
     wall = time.perf_counter() - started
     lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
     warnings = [ln for ln in lines if " WARNING " in ln]
@@ -251,7 +252,7 @@ def run_case(case: Case, source: Path, root: Path) -> dict[str, str]:
     got = ("warned" if warnings and done.returncode == 0 else "ok") if done.returncode == 0 else \
         ("interrupted" if done.returncode in (130, 143) else "refused")
     left = leftovers(prefix)
-    if got in ("ok", "warned"):      # a finished run: its outputs belong there, nothing else may
+    if got in ("ok", "warned") or case.before:   # outputs of this or an earlier finished run may be there
         left = [n for n in left if ".tmp" in n or n.endswith(("_scratch", ".lock"))]
     if case.small_fs:
         left += [p.name for p in (SMALL_FS / folder.name).rglob("*.f32")]    # scratch left there?
