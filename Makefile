@@ -14,7 +14,7 @@ TORCH_PIP := torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_IND
 DEMO_DIR ?= demo_out
 JOBS ?= 2
 
-.PHONY: install install-relion demo test test-fast bench bench-quick bench-scale clean
+.PHONY: install install-relion demo test test-fast bench bench-quick bench-scale reliability clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ install-relion:
 
 demo: $(STAMP)
 	$(VENV)/bin/cryo-drvae simulate --o $(DEMO_DIR)/sim --K 10 --n 1000 --snr 0.05 --seed 1
-	$(VENV)/bin/cryo-drvae classify --i $(DEMO_DIR)/sim/particles.star --o $(DEMO_DIR)/Class2D/run --K 10 --j $(JOBS)
+	$(VENV)/bin/cryo-drvae classify --i $(DEMO_DIR)/sim/particles.star --o $(DEMO_DIR)/Class2D/run --K 10 --j $(JOBS) --overwrite
 	$(VENV)/bin/cryo-drvae evaluate --truth $(DEMO_DIR)/sim/truth.csv --data $(DEMO_DIR)/Class2D/run_data.star
 	@echo "pictures: $(DEMO_DIR)/Class2D/run_classes.png $(DEMO_DIR)/Class2D/run_convergence.png"
 
@@ -53,6 +53,11 @@ bench-quick: $(STAMP) install-relion
 SIZES ?= 2000,20000,200000
 bench-scale: $(STAMP)
 	$(PY) bench/bench_scale.py --sizes $(SIZES) --j $(JOBS) $(if $(GPU),--gpu $(GPU))
+
+# bad inputs and faults (full disks, unnormalised stacks, --continue, locks, SIGTERM) -> a table;
+# SMALL_FS=<empty folder on a ~96 kB tmpfs> adds two real full-disk cases
+reliability: $(STAMP)
+	$(PY) scripts/reliability_matrix.py $(if $(SMALL_FS),--small-fs $(SMALL_FS))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

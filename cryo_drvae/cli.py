@@ -18,35 +18,65 @@ from . import __version__
 from .config import DIAMETER_FRACTION, RunConfig
 from .errors import CryoDrvaeError
 from .relion_flags import FLAG_NAMES, sort_extra_arguments
+from .signals import Terminated, terminate_as_interrupt
 
 logger = logging.getLogger("cryo_drvae")
 
 
-def setup_logging(log_file: Path | None = None, verbose: bool = False) -> None:
-    """Info to stderr (and to ``log_file``); library modules only create loggers."""
+def setup_logging(log_file: Path | None = None, verbose: bool = False, append: bool = False) -> None:
+    """Info to stderr (and to ``log_file``, started afresh unless ``append``); library modules
+    only create loggers."""
     root = logging.getLogger("cryo_drvae")
+    for old in root.handlers:
+        old.close()
     root.handlers.clear()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(logging.FileHandler(log_file, mode="a" if append else "w"))
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.propagate = False
 
 
+def _to_log_file(message: str) -> None:
+    """Also put an error that ends the run into the run's log file (stderr gets it from click)."""
+    for handler in logging.getLogger("cryo_drvae").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logging.makeLogRecord({"name": "cryo_drvae", "levelno": logging.ERROR,
+                                                  "levelname": "ERROR", "msg": message}))
+
+
 def clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into one ``Error: ...`` line and exit status 1."""
+    """Turn our errors into one ``Error: ...`` line and exit status 1 (also in the log file);
+    SIGINT/SIGTERM into one line and status 130/143."""
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except CryoDrvaeError as exc:
+            _to_log_file(str(exc))
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt as exc:
+            message = interrupted_message(exc, kwargs.get("output_prefix"))
+            _to_log_file(message)
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
     return wrapper
+
+
+def interrupted_message(exc: KeyboardInterrupt, prefix: str | None) -> str:
+    what = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
+    if prefix is None:
+        return f"interrupted by {what}"
+    checkpoint = Path(f"{prefix}_checkpoint.pt")
+    if checkpoint.exists():
+        return (f"interrupted by {what}; scratch files removed, {checkpoint} keeps the last finished "
+                f"round: rerun the same command with --continue to resume")
+    return f"interrupted by {what} before the first round finished; scratch files removed: rerun the command"
 
 
 def parse_gpu(gpu: str | None) -> str:
@@ -92,6 +122,7 @@ def _flags(field: str) -> tuple[str, ...]:
 @click.option("--gpu", default=None, is_flag=False, flag_value="",
               help='Run on CUDA: "0" or RELION-style "0,1" (empty = GPU 0). [default: CPU]')
 @click.option("--continue", "continue_run", is_flag=True, help="Resume from <o>_checkpoint.pt after an interruption.")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run on this --o.")
 @click.option("--balance", type=float, default=_DEFAULTS.cluster.balance, show_default=True,
               help="BSK-means++ balance: every class >= balance x N / K particles (0 = plain K-means++).")
 @click.option("--drvae/--no_drvae", "use_drvae", default=_DEFAULTS.train.use_drvae, show_default=True,
@@ -134,21 +165,22 @@ def classify(ctx: click.Context, verbose: bool, gpu: str | None, no_ctf: bool, d
     --pool, --zero_mask, ...) are ignored with a warning; anything else is an error.
     """
     from .distributed import is_main_process
-    from .outputs import check_outputs_writable
+    from .guard import claim_prefix
     from .pipeline import run
 
     extra = sort_extra_arguments(ctx.args)
     extra.refuse_unknown()               # a typo fails before anything is written
+    setup_logging(None, verbose)          # until the prefix is ours, log to stderr only
     cfg = RunConfig.from_options(device=parse_gpu(gpu), use_ctf=not no_ctf,
                                  **options)
     main_rank = is_main_process()
-    if main_rank:
-        check_outputs_writable(cfg.output_prefix)   # before the log file is created there
-    setup_logging(Path(f"{cfg.output_prefix}_run.log") if main_rank else None, verbose)
-    extra.report(strict=True)            # the ignored RELION flags, into the log too
     from tqdm.contrib.logging import logging_redirect_tqdm
-    with logging_redirect_tqdm([logging.getLogger("cryo_drvae")]):   # log lines above the bars
-        result = run(cfg)
+    with claim_prefix(cfg, main_rank), terminate_as_interrupt():
+        setup_logging(Path(f"{cfg.output_prefix}_run.log") if main_rank else None, verbose,
+                      append=cfg.continue_run)
+        extra.report(strict=True)            # the ignored RELION flags, into the log too
+        with logging_redirect_tqdm([logging.getLogger("cryo_drvae")]):   # log lines above the bars
+            result = run(cfg)
     for name, path in result.paths.items():
         click.echo(f"{name}: {path}")
 

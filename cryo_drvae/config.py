@@ -16,6 +16,17 @@ import yaml
 from .errors import ConfigError
 
 
+#: Command-line flag of each config field where it is not ``--<field>`` (messages name flags).
+FLAGS = {"particles_star": "--i", "output_prefix": "--o", "n_classes": "--K", "n_rounds": "--iter",
+         "threads": "--j", "epochs_initial": "--epochs", "use_drvae": "--drvae", "use_ctf": "--no_ctf",
+         "continue_run": "--continue", "device": "--gpu"}
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag that sets a config field: ``n_classes`` -> ``--K``."""
+    return FLAGS.get(field_name, f"--{field_name}")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -47,10 +58,10 @@ class DataConfig:
     cs_out: bool = False               # also write cryoSPARC outputs for a STAR input (always for a .cs)
 
     def __post_init__(self) -> None:
-        _require(self.particle_diameter >= 0, f"data.particle_diameter must be >= 0 Å, got {self.particle_diameter}")
-        _require(self.pixel_size >= 0, f"data.pixel_size (--angpix) must be >= 0 Å/px, got {self.pixel_size}")
+        _require(self.particle_diameter >= 0, f"--particle_diameter must be >= 0 Å, got {self.particle_diameter}")
+        _require(self.pixel_size >= 0, f"--angpix must be >= 0 Å/px, got {self.pixel_size}")
         _require(self.working_box == 0 or self.working_box >= 16,
-                 f"data.working_box must be 0 (auto) or >= 16 px, got {self.working_box}")
+                 f"--working_box must be 0 (auto) or >= 16 px, got {self.working_box}")
 
 
 @dataclass(frozen=True)
@@ -68,13 +79,13 @@ class TrainConfig:
     pseudo_target_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        _require(self.latent_dim >= 1, f"train.latent_dim must be >= 1, got {self.latent_dim}")
-        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.latent_dim >= 1, f"--latent_dim must be >= 1, got {self.latent_dim}")
+        _require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
         _require(self.epochs_initial >= 0 and self.epochs_per_round >= 0,
-                 "train.epochs_initial and train.epochs_per_round must be >= 0")
-        _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+                 "--epochs (epochs_initial) and --epochs_per_round must be >= 0")
+        _require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         _require(0.0 <= self.pseudo_target_weight <= 1.0,
-                 f"train.pseudo_target_weight must be in [0, 1], got {self.pseudo_target_weight}")
+                 f"--pseudo_target_weight must be in [0, 1], got {self.pseudo_target_weight}")
 
 
 @dataclass(frozen=True)
@@ -96,16 +107,16 @@ class ClusterConfig:
         return min(n_particles, wanted)
 
     def __post_init__(self) -> None:
-        _require(self.n_classes >= 1, f"cluster.n_classes (--K) must be >= 1, got {self.n_classes}")
-        _require(0.0 <= self.balance <= 1.0, f"cluster.balance must be in [0, 1], got {self.balance}")
+        _require(self.n_classes >= 1, f"--K must be >= 1, got {self.n_classes}")
+        _require(0.0 <= self.balance <= 1.0, f"--balance must be in [0, 1], got {self.balance}")
         _require(0.0 < self.reliable_fraction <= 1.0,
-                 f"cluster.reliable_fraction must be in (0, 1], got {self.reliable_fraction}")
-        _require(self.n_rounds >= 1, f"cluster.n_rounds (--iter) must be >= 1, got {self.n_rounds}")
-        _require(0.0 < self.psi_step <= 90.0, f"cluster.psi_step must be in (0, 90] degrees, got {self.psi_step}")
-        _require(self.max_shift_px >= 0, f"cluster.max_shift_px must be >= 0, got {self.max_shift_px}")
+                 f"--reliable_fraction must be in (0, 1], got {self.reliable_fraction}")
+        _require(self.n_rounds >= 1, f"--iter must be >= 1, got {self.n_rounds}")
+        _require(0.0 < self.psi_step <= 90.0, f"--psi_step must be in (0, 90] degrees, got {self.psi_step}")
+        _require(self.max_shift_px >= 0, f"--max_shift_px must be >= 0, got {self.max_shift_px}")
         _require(self.reference_filter in ("ml", "wiener"),
                  f"--reference_filter must be 'ml' or 'wiener', got {self.reference_filter!r}")
-        _require(self.init_particles >= 0, f"cluster.init_particles must be >= 0, got {self.init_particles}")
+        _require(self.init_particles >= 0, f"--init_particles must be >= 0, got {self.init_particles}")
 
 
 @dataclass(frozen=True)
@@ -120,11 +131,12 @@ class RunConfig:
     threads: int = 1
     device: str = "cpu"                # "cpu", "cuda" or "cuda:N"
     continue_run: bool = False
+    overwrite: bool = False            # replace the outputs of an earlier run on this prefix
 
     def __post_init__(self) -> None:
-        _require(self.threads >= 1, f"threads (--j) must be >= 1, got {self.threads}")
+        _require(self.threads >= 1, f"--j must be >= 1, got {self.threads}")
         _require(self.device == "cpu" or self.device.startswith("cuda"),
-                 f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+                 f"--gpu: device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     @classmethod
     def from_options(cls, **options: Any) -> RunConfig:

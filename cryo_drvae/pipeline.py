@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from . import __version__, plots
+from . import __version__, checks, checkpoint, plots
 from .alignment import to_relion_pose, transform_images
 from .averaging import class_averages
 from .clustering import reliable_mask
@@ -30,8 +30,9 @@ from .cs_io import read_any, write_cs_outputs
 from .ctf import params_from_particles
 from .distributed import Comm, init_comm, shutdown
 from .errors import AbortRequested, ConfigError, InputFileError
-from .io_utils import atomic_path
-from .outputs import ClassificationResult, check_outputs_writable, write_run_outputs
+from .guard import claim_prefix
+from .io_utils import atomic_path, staged_outputs
+from .outputs import ClassificationResult, write_run_outputs
 from .preprocess import Preparation, WorkingSet, choose_working_box, plan_preparation, prepare_working_set
 from .refine import Assignment, Refiner, posterior
 from .splitting import grow_classes
@@ -114,15 +115,14 @@ def run(cfg: RunConfig, should_abort: Callable[[], bool] | None = None) -> RunRe
     """
     comm = init_comm(cfg.device.startswith("cuda"))
     try:
-        return classify(cfg, comm, should_abort or (lambda: False))
+        with claim_prefix(cfg, comm.is_main):
+            return classify(cfg, comm, should_abort or (lambda: False))
     finally:
         shutdown(comm)
 
 
 def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult:
     timer = StageTimer()
-    if comm.is_main:
-        check_outputs_writable(cfg.output_prefix)
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)   # tiny posteriors as denormals slow CPU matmuls many-fold
     device = resolve_device(cfg.device, comm)
@@ -139,17 +139,21 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
             table = read_any(cfg.data.particles_star, cfg.data.data_dir,   # STAR or cryoSPARC .cs
                              pixel_size=cfg.data.pixel_size or None)
             check_class_count(table, cfg)
+            fingerprint = checkpoint.input_fingerprint(table.path, len(table))
+            state = load_checkpoint(cfg, fingerprint) if cfg.continue_run else None   # refuse early
+            checks.warn_duplicate_rows(table)
             stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
             ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
             pixel_size = single_pixel_size(table)
             diameter = cfg.diameter_angst(stack.box_size, pixel_size)
+            checks.check_particle_diameter(diameter, stack.box_size, pixel_size)
+            stack.normalise(checks.background_radius_px(diameter, stack.box_size, pixel_size))
             box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box)
             plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
             mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
             ws = prepare_working_set(stack, plan, mine, scratch, loader_workers(cfg, len(mine)),
                                      should_abort=abort)
         refiner = Refiner(ws, cfg.cluster, device, comm, n_total=stack.n_particles)
-        state = load_checkpoint(cfg) if cfg.continue_run else None
         denoiser = make_denoiser(ws, cfg, device, comm, state)
         if state is None:
             init_ws = initial_working_set(stack, plan, ws, cfg, comm, abort)
@@ -158,8 +162,8 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
             with timer("cluster"):
                 state = initial_classes(init_ws, denoiser, cfg, device, comm, abort)
             state.assignment = spread_labels(state.assignment, init_ws.particles, stack.n_particles)
-            save_checkpoint(cfg, state, comm)
-        state = refinement_rounds(refiner, ws, state, denoiser, cfg, timer, abort)
+            save_checkpoint(cfg, state, comm, fingerprint)
+        state = refinement_rounds(refiner, ws, state, denoiser, cfg, timer, abort, fingerprint)
         with timer("average"):
             result = final_result(stack, ctf, pixel_size, ws, refiner, state, abort)
     finally:
@@ -283,7 +287,8 @@ def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConf
 
 
 def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoiser: Denoiser | None,
-                      cfg: RunConfig, timer: StageTimer, abort: Callable[[], bool]) -> RoundState:
+                      cfg: RunConfig, timer: StageTimer, abort: Callable[[], bool],
+                      fingerprint: dict | None = None) -> RoundState:
     """Steps 3-4: BSK-means++ rounds in the likelihood metric (+ pseudo-target DRVAE training)."""
     while state.round < cfg.cluster.n_rounds:
         started = time.perf_counter()
@@ -300,7 +305,7 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
         entry.update(class_size_min=int(sizes.min()), class_size_max=int(sizes.max()))
         state = RoundState(state.round + 1, assignment, step.refs, step.log_prior, state.history + [entry],
                            denoiser.state_dict() if denoiser else None)
-        save_checkpoint(cfg, state, comm=refiner.comm)
+        save_checkpoint(cfg, state, refiner.comm, fingerprint)
         took = time.perf_counter() - started
         logger.info("round %d/%d: %.1f%% of labels changed, class sizes %d-%d, %.1f s "
                     "(%.0f particles/s; at most %.0f s left)", state.round, cfg.cluster.n_rounds,
@@ -395,7 +400,15 @@ def final_result(stack: ParticleStack, ctf, pixel_size: float, ws: WorkingSet, r
 
 def write_everything(cfg: RunConfig, table: ParticleTable, result: ClassificationResult) -> dict[str, Path]:
     """Pictures and config first, then cryoSPARC outputs (a .cs input or --cs_out), then the RELION
-    outputs (data STAR last of all)."""
+    outputs (data STAR last of all); all or nothing: they are renamed into place together once
+    every one is written."""
+    with staged_outputs():
+        paths = _write_all(cfg, table, result)
+    checkpoint_path(cfg).unlink(missing_ok=True)
+    return paths
+
+
+def _write_all(cfg: RunConfig, table: ParticleTable, result: ClassificationResult) -> dict[str, Path]:
     prefix = cfg.output_prefix
     counts = np.bincount(result.labels, minlength=result.class_averages.shape[0])
     paths = {"classes_png": plots.plot_class_gallery(result.class_averages, counts, f"{prefix}_classes.png",
@@ -407,7 +420,6 @@ def write_everything(cfg: RunConfig, table: ParticleTable, result: Classificatio
     paths["config"] = config_path
     paths.update(write_cs_outputs(prefix, table, result, seed=cfg.seed, force=cfg.data.cs_out))
     paths.update(write_run_outputs(prefix, table, result))
-    checkpoint_path(cfg).unlink(missing_ok=True)
     return paths
 
 
@@ -415,21 +427,33 @@ def checkpoint_path(cfg: RunConfig) -> Path:
     return Path(f"{cfg.output_prefix}_checkpoint.pt")
 
 
-def save_checkpoint(cfg: RunConfig, state: RoundState, comm: Comm = Comm()) -> None:
+def save_checkpoint(cfg: RunConfig, state: RoundState, comm: Comm = Comm(),
+                    fingerprint: dict | None = None) -> None:
+    """The round state as a plain dict, with the settings and input it belongs to."""
     if not comm.is_main:
         return
-    with atomic_path(checkpoint_path(cfg)) as tmp:
-        torch.save({"state": state, "config": cfg.to_yaml()}, tmp)
+    a = state.assignment
+    plain = {"round": state.round, "labels": torch.from_numpy(np.asarray(a.labels, np.int64)),
+             "pose": torch.from_numpy(np.asarray(a.pose, np.int64)),
+             "cost": torch.from_numpy(np.asarray(a.cost, np.float64)),
+             "confidence": torch.from_numpy(np.asarray(a.confidence, np.float64)),
+             "references": state.references.detach().cpu(),
+             "log_prior": torch.from_numpy(np.asarray(state.log_prior, np.float64)),
+             "history": [{k: v.item() if hasattr(v, "item") else v for k, v in e.items()}
+                         for e in state.history],
+             "denoiser": state.denoiser}
+    checkpoint.save_checkpoint(checkpoint_path(cfg), plain, checkpoint.settings(cfg), fingerprint or {})
 
 
-def load_checkpoint(cfg: RunConfig) -> RoundState | None:
+def load_checkpoint(cfg: RunConfig, fingerprint: dict) -> RoundState | None:
+    """The last round's state if ``<o>_checkpoint.pt`` exists and belongs to this run and input."""
     path = checkpoint_path(cfg)
     if not path.exists():
         logger.info("--continue: no checkpoint at %s, starting from the beginning", path)
         return None
-    saved = torch.load(path, weights_only=False)
-    if RunConfig.from_yaml(saved["config"]).cluster.n_classes != cfg.cluster.n_classes:
-        raise ConfigError(f"{path}: checkpoint was made with a different --K; "
-                          f"rerun without --continue or with the same --K")
-    logger.info("--continue: resuming after round %d from %s", saved["state"].round, path)
-    return saved["state"]
+    saved = checkpoint.load_checkpoint(path, checkpoint.settings(cfg), fingerprint)
+    assignment = Assignment(saved["labels"].numpy(), saved["pose"].numpy(), saved["cost"].numpy(),
+                            saved["confidence"].numpy())
+    logger.info("--continue: resuming after round %d from %s", saved["round"], path)
+    return RoundState(int(saved["round"]), assignment, saved["references"], saved["log_prior"].numpy(),
+                      list(saved["history"]), saved["denoiser"])

@@ -24,6 +24,7 @@ from mrcfile.mrcmemmap import MrcMemmap
 from numpy.typing import ArrayLike, NDArray
 
 from .errors import InputFileError
+from .normalise import normalise_background
 from .star_io import IMAGE_NAME, IMAGE_SIZE, ParticleTable, image_sizes
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ class ParticleStack:
         self._open: OrderedDict[int, MrcMemmap] = OrderedDict()
         self.n_particles = int(len(slices))
         self.box_size = stacks[0].box_size
+        self.background_radius: float | None = None   # set: images normalised as RELION does
+
+    def normalise(self, background_radius_px: float) -> ParticleStack:
+        """From now on, :meth:`read` returns images whose background (outside
+        ``background_radius_px``) has mean 0 and sd 1, each image on its own."""
+        self.background_radius = float(background_radius_px)
+        return self
 
     # --- construction --------------------------------------------------------------------
 
@@ -223,6 +231,14 @@ class ParticleStack:
             raise InputFileError(f"{self._stacks[code].path}: image {bad} ({bad:06d}@...) "
                                  f"contains NaN/Inf pixels; re-extract or remove those "
                                  f"particles")
+        if self.background_radius is not None:
+            block, sd = normalise_background(block, self.background_radius)
+            flat = ~(sd > 0)
+            if flat.any():
+                bad = int(slices[np.argmax(flat)]) + 1
+                raise InputFileError(f"{self._stacks[code].path}: image {bad} ({bad:06d}@...) has a "
+                                     f"constant background and cannot be normalised; re-extract or "
+                                     f"remove those particles")
         return block
 
     def _data(self, code: int) -> np.ndarray:
@@ -363,6 +379,13 @@ def _stack_info(path: Path, mrc: MrcMemmap, messages: list[str]) -> _StackInfo:
                              f"(data shape {shape}), expected square 2D images; "
                              f"re-extract with a square box")
     n_images = 1 if mrc.data.ndim == 2 else shape[0]
+    expected, actual = _expected_bytes(mrc), path.stat().st_size
+    image_bytes = nx * ny * mrc.data.dtype.itemsize
+    if expected is not None and actual - expected >= image_bytes:
+        raise InputFileError(f"{path}: {actual} bytes but the header (mode {int(header.mode)}, "
+                             f"{mrc.data.dtype}) implies {expected} for {nz} images of {nx}x{ny}: "
+                             f"the data are probably of another type (e.g. float64 written "
+                             f"under a float32 header); rewrite the stack as float32 MRC")
     return _StackInfo(path=path, n_images=int(n_images), box_size=int(shape[-1]))
 
 

@@ -354,11 +354,24 @@ def _check_pixel_sizes(table: ParticleTable) -> None:
     """Raise if any particle lacks a finite, positive pixel size."""
     apix = pixel_sizes(table)
     bad = ~(np.isfinite(apix) & (apix > 0))
+    if bad.any() and _has_pixel_size_column(table):
+        where = "data_particles" if IMAGE_PIXEL_SIZE in table.particles.columns else "data_optics"
+        frame = table.particles if where == "data_particles" else table.optics
+        values = frame[IMAGE_PIXEL_SIZE].astype(str)
+        shown = values[~(pd.to_numeric(frame[IMAGE_PIXEL_SIZE], errors="coerce") > 0)].unique()[:3]
+        raise InputFileError(f"{table.path}: '{IMAGE_PIXEL_SIZE}' in {where} is not a positive number "
+                             f"for {int(bad.sum())} of {len(apix)} particles (e.g. "
+                             f"{', '.join(repr(v) for v in shown)}); set it to the pixel size in Å/px")
     if bad.any():
         raise InputFileError(f"{table.path}: no valid pixel size for {int(bad.sum())} of "
                              f"{len(apix)} particles; add '{IMAGE_PIXEL_SIZE}' (Å/px) to "
                              f"data_optics, or '{DETECTOR_PIXEL_SIZE}' and '{MAGNIFICATION}' "
                              f"to a RELION 3.0 file, or pass --angpix <Å/px>")
+
+
+def _has_pixel_size_column(table: ParticleTable) -> bool:
+    return IMAGE_PIXEL_SIZE in table.particles.columns or (
+        table.optics is not None and IMAGE_PIXEL_SIZE in table.optics.columns)
 
 
 def _float_column(frame: pd.DataFrame, name: str) -> NDArray[np.float64]:

@@ -12,6 +12,7 @@ do not stay mapped into the process: memory is bounded by the chunk being read, 
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.typing import NDArray
+
+from .errors import OutputError
 
 
 class RowStore:
@@ -43,8 +46,15 @@ class RowStore:
     def on_disk(cls, path: Path | str, n: int, row_shape: tuple[int, ...]) -> RowStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        size = int(n) * int(np.prod(row_shape)) * 4
+        stats = os.statvfs(path.parent)
+        free = stats.f_bavail * stats.f_frsize
+        if free < size:           # the file is sparse: fail now, not with zeros read back later
+            raise OutputError(f"{path.parent}: {free / 1e6:.1f} MB free but the scratch file "
+                              f"{path.name} needs {size / 1e6:.1f} MB; free space there, pass "
+                              f"--scratch_dir <folder on a larger disk>, or --preread_images")
         with open(path, "wb") as handle:
-            handle.truncate(int(n) * int(np.prod(row_shape)) * 4)
+            handle.truncate(size)
         return cls(n, row_shape, path=path)
 
     # ---- shape -----------------------------------------------------------------------
@@ -62,7 +72,16 @@ class RowStore:
             self.tensor[start:start + len(rows)] = rows
             return
         data = np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float32)
-        os.pwrite(self._file(), data.tobytes(), start * self.row_floats * 4)
+        view = memoryview(data.reshape(-1)).cast("B")
+        offset, done = start * self.row_floats * 4, 0
+        while done < len(view):       # pwrite may write less than asked (e.g. the disk is full)
+            try:
+                count = os.pwrite(self._file(), view[done:], offset + done)
+            except OSError as exc:
+                raise self._write_error(done, len(view), exc.errno) from None
+            if count <= 0:
+                raise self._write_error(done, len(view), errno.ENOSPC)
+            done += count
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start .. stop`` (a view in RAM, a fresh copy from disk)."""
@@ -126,6 +145,14 @@ class RowStore:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR)
         return self._fd
+
+    def _write_error(self, done: int, wanted: int, code: int | None) -> OutputError:
+        reason = os.strerror(code) if code else "write failed"
+        fix = ("free space there, pass --scratch_dir <folder on a larger disk>, or --preread_images "
+               "to keep the working images in RAM" if code in (errno.ENOSPC, errno.EDQUOT)
+               else "check the disk, or pass --scratch_dir <another folder>")
+        return OutputError(f"{self.path}: scratch write failed after {done} of {wanted} bytes "
+                           f"({reason}); {fix}")
 
     def _read_into(self, out: NDArray[np.float32], start: int) -> None:
         view = memoryview(out.reshape(-1)).cast("B")

@@ -200,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         threads=threads,
         device=_device_from_gpu(args.gpu),
         continue_run=continue_run,
+        overwrite=True,       # RELION owns the job folder: rerunning a job replaces its outputs
         seed=seed,
         **options,
     )
