@@ -27,7 +27,9 @@ logger = logging.getLogger("bench")
 
 BENCH_DIR = Path(__file__).resolve().parent
 # the default run has no DRVAE (docs/method.md), so the DRVAE ablation adds it
-ABLATIONS = {"cryo-drvae --balance 0": ["--balance", "0"], "cryo-drvae --drvae": ["--drvae"]}
+ABLATIONS = {"cryo-drvae --balance 0": ["--balance", "0"], "cryo-drvae --drvae": ["--drvae"],
+             "cryo-drvae --no_split_merge": ["--no_split_merge"],
+             "cryo-drvae --reference_filter wiener": ["--reference_filter", "wiener"]}
 SKIPPABLE = ("cryo-drvae", "relion", "oracle", "ablations")
 
 
@@ -122,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             methods.append(("oracle", lambda: run_oracle(sim, bench_set, args)))
         if "relion" not in args.skip:
             methods.append(("RELION 3.1.3", lambda: run_relion(sim, bench_set, args)))
-        if bench_set.ablations and "ablations" not in args.skip:
-            for method, extra in ABLATIONS.items():
+        if "ablations" not in args.skip:
+            for method, extra in ((m, ABLATIONS[m]) for m in bench_set.ablations):
                 methods.append((method, lambda m=method, e=extra: run_ours(sim, bench_set, m, e, args)))
         for method, job in methods:
             logger.info("== %s: %s", bench_set.name, method)

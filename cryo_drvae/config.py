@@ -101,6 +101,7 @@ class ClusterConfig:
     max_shift_px: float = 0.0          # px at the original box; 0 = 10% of the box
     init_particles: int = 0            # particles the classes are grown on; 0 = max(5000, 100 K)
     reference_filter: str = "ml"       # class references: "ml" (maximum likelihood) or "wiener"
+    split_merge: bool = True           # split-and-merge moves at K, kept when the likelihood rises
 
     def initial_subset_size(self, n_particles: int) -> int:
         wanted = self.init_particles or max(5000, 100 * self.n_classes)

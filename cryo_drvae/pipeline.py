@@ -272,7 +272,7 @@ def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConf
     else:
         coarse = Refiner(init_ws, dataclasses.replace(cfg.cluster, psi_step=max(20.0, cfg.cluster.psi_step)),
                          device)
-        grown = grow_classes(coarse, k, should_abort=abort)
+        grown = grow_classes(coarse, k, split_merge=cfg.cluster.split_merge, should_abort=abort)
         references, log_prior = grown.refs, floored_log_prior(grown.log_prior, cfg.cluster.balance)
         labels = posterior(grown.loglik, grown.log_prior).argmax(1)
     references = comm.broadcast(references.contiguous())

@@ -270,9 +270,11 @@ class Refiner:
         loglik, best_pose = state.loglik.copy(), state.best_pose.copy()
         chosen = np.asarray(classes)
         rest = np.setdiff1d(np.arange(state.refs.shape[0]), chosen)
-        joint_rest = loglik[:, rest].astype(np.float64) + state.log_prior[rest][None]
-        top = joint_rest.max(1, keepdims=True)
-        others = (top[:, 0] + np.log(np.exp(joint_rest - top).sum(1))).astype(np.float32)
+        others = None
+        if len(rest):
+            joint_rest = loglik[:, rest].astype(np.float64) + state.log_prior[rest][None]
+            top = joint_rest.max(1, keepdims=True)
+            others = (top[:, 0] + np.log(np.exp(joint_rest - top).sum(1))).astype(np.float32)
         sub_ll, sub_pose, stats = self.expectation(state.refs[chosen], torch.from_numpy(state.log_prior[chosen]).float(),
                                                    others=others)
         loglik[:, chosen], best_pose[:, chosen] = sub_ll, sub_pose

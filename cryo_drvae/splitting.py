@@ -216,7 +216,7 @@ def growth_work(n_classes: int, rounds_per_split: int, settle_rounds: int) -> li
 
 
 def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_start: float = 5.0,
-                 settle_rounds: int = 6, settle_tolerance: float = 0.0025,
+                 settle_rounds: int = 6, settle_tolerance: float = 0.0025, split_merge: bool = True,
                  should_abort: Callable[[], bool] = lambda: False) -> EMState:
     """EM from one class, splitting the most heterogeneous classes until there are ``n_classes``.
 
@@ -248,6 +248,8 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
             break
         state = split_classes(ref, state, shell, shell, min(splits_per_stage(k), n_classes - k))
         k = state.refs.shape[0]
+    if not split_merge:
+        return settle(ref, state, shell_end, settle_rounds, settle_tolerance)
     state = settle(ref, state, shell_end, min(settle_rounds, 3), settle_tolerance)
     moved = improve_by_moves(ref, state, shell_end, should_abort=should_abort)
     if moved is not state:

@@ -81,7 +81,8 @@ def classify_config(input_cs: Path, project_dir: Path, job_dir: Path, args: argp
         params = dict(classify.make_context("classify", flags).params)
     except click.ClickException as exc:
         raise CryoDrvaeError(f"classify options {' '.join(args.extra)!r}: {exc.format_message()}") from None
-    params.pop("verbose")
+    for name in ("verbose", "dont_check_norm"):   # CLI-only flags, no config field
+        params.pop(name, None)
     gpu, no_ctf = params.pop("gpu"), params.pop("no_ctf")
     return RunConfig.from_options(device=parse_gpu(gpu), use_ctf=not no_ctf, **params)
 

@@ -122,11 +122,18 @@ def test_relion_time_is_extrapolated_from_iteration_file_times(tmp_path):
 
 
 def test_sets_and_relion_command_follow_the_specification():
-    assert [s.name for s in bl.parse_sets("all")] == ["easy", "standard", "hard", "hetero", "imbalanced", "large"]
+    names = [s.name for s in bl.parse_sets("all")]
+    assert names[:6] == ["easy", "standard", "hard", "hetero", "imbalanced", "large"]
+    # real-protein families, each at three seeds, simulated from ../shared/data/structures
+    assert [s.name for s in bl.parse_sets("kpr-0.01")] == ["kpr-0.01-s1", "kpr-0.01-s2", "kpr-0.01-s3"]
+    proteins = bl.parse_sets("proteins")
+    assert len(proteins) == 24 and all(s.sim.pdb_files for s in proteins)
+    assert {bl.family_of(s.name) for s in proteins} >= {"kpr-0.05", "hvr-0.01", "kpr-imbalanced", "mix-0.02"}
+    assert len({s.sim.seed for s in proteins}) == 3
     with pytest.raises(ValueError, match="choose from"):
         bl.parse_sets("easy,nope")
     std = bl.SETS["standard"]
-    assert (std.sim.n_classes, std.sim.n_particles, std.sim.snr, std.ablations) == (10, 2000, 0.02, True)
+    assert (std.sim.n_classes, std.sim.n_particles, std.sim.snr, std.ablations) == (10, 2000, 0.02, bl.BLOB_ABLATIONS)
     assert bl.SETS["large"].relion_iter == 3 and bl.SETS["imbalanced"].sim.imbalance == 12
     fake = type("S", (), {"config": std.sim})()
     cmd = bl.relion_command(fake, Path("/x/run"), 2, 25)
