@@ -108,7 +108,7 @@ def _protein_sets() -> list[BenchSet]:
         "kpr-imbalanced": dict(name="kpr", snr=0.02, imbalance=12.0),
         "mix-0.02": dict(name="mix", snr=0.02),
     }
-    ablated = {"kpr-0.01", "hvr-0.05", "kpr-imbalanced", "mix-0.02"}
+    ablated = {"kpr-0.01", "kpr-imbalanced"}
     return [BenchSet(f"{family}-s{seed}", _protein(seed=seed, **spec),
                      ablations=PROTEIN_ABLATIONS if seed == PROTEIN_SEEDS[0] and family in ablated else ())
             for family, spec in families.items() for seed in PROTEIN_SEEDS]

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from .alignment import transform_images
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
-from .preprocess import read_batch_size, shell_index, shell_mean
+from .preprocess import read_batch_size, shell_index, shell_mean, shell_sum
 from .progress import bar as tqdm
 from .stack import ParticleStack
 
@@ -41,9 +41,11 @@ def wiener_filter(numerator: torch.Tensor, ctf2: torch.Tensor, noise_var: float,
     ssnr : (K, n_shells) spectral signal-to-noise ratio of each class average per shell.
     """
     n_shells = int(shells.max()) + 1
-    safe = ctf2.clamp(min=1e-6)
-    excess = ((numerator / safe).abs() ** 2 - noise_var / safe).clamp(min=0)
-    tau2 = shell_mean(excess, shells, n_shells).clamp(min=1e-10)          # signal power per shell
+    # E|numerator|^2 = tau2 ctf2^2 + noise_var ctf2 per coefficient: a least-squares tau2 per shell,
+    # in which coefficients near CTF zeros weigh little (dividing by ctf2 first let one such
+    # coefficient of a one-particle class blow its average up by 1e10)
+    power = shell_sum(numerator.abs() ** 2 - noise_var * ctf2, shells, n_shells)
+    tau2 = (power / shell_sum(ctf2 ** 2, shells, n_shells).clamp(min=1e-12)).clamp(min=1e-10)  # signal power
     spectra = numerator / (ctf2 + noise_var / tau2[:, shells])
     ssnr = tau2 * shell_mean(ctf2, shells, n_shells) / noise_var
     return spectra, ssnr
