@@ -12,6 +12,9 @@ TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed-$(TORCH)
 TORCH_PIP := torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 DEMO_DIR ?= demo_out
+# the demo projects a real protein (3KPR) when the shared atomic models are beside the repo, else blobs
+DEMO_PDB := $(wildcard ../shared/data/structures/3KPR.cif.gz)
+DEMO_MODEL := $(if $(DEMO_PDB),--pdb $(DEMO_PDB) --angpix 0)
 JOBS ?= 2
 
 .PHONY: install install-relion demo test test-fast bench bench-quick bench-scale reliability clean
@@ -32,7 +35,7 @@ install-relion:
 	bash scripts/install_relion.sh
 
 demo: $(STAMP)
-	$(VENV)/bin/cryo-drvae simulate --o $(DEMO_DIR)/sim --K 10 --n 1000 --snr 0.05 --seed 1
+	$(VENV)/bin/cryo-drvae simulate --o $(DEMO_DIR)/sim --K 10 --n 1000 --snr 0.05 --seed 1 $(DEMO_MODEL)
 	$(VENV)/bin/cryo-drvae classify --i $(DEMO_DIR)/sim/particles.star --o $(DEMO_DIR)/Class2D/run --K 10 --j $(JOBS) --overwrite
 	$(VENV)/bin/cryo-drvae evaluate --truth $(DEMO_DIR)/sim/truth.csv --data $(DEMO_DIR)/Class2D/run_data.star
 	@echo "pictures: $(DEMO_DIR)/Class2D/run_classes.png $(DEMO_DIR)/Class2D/run_convergence.png"
