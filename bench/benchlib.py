@@ -87,7 +87,8 @@ STRUCTURES = REPO_ROOT.parent / "shared" / "data" / "structures"
 PROTEINS = {"kpr": ("3KPR.cif.gz",), "hvr": ("1hvr.pdb",), "mix": ("3KPR.cif.gz", "1hvr.pdb")}
 PROTEIN_SEEDS = (1, 2, 3)
 BLOB_ABLATIONS = ("cryo-drvae --balance 0", "cryo-drvae --drvae")
-PROTEIN_ABLATIONS = ("cryo-drvae --no_split_merge", "cryo-drvae --reference_filter wiener")
+PROTEIN_ABLATIONS = ("cryo-drvae --no_split_merge", "cryo-drvae --reference_filter ml",
+                     "cryo-drvae --reference_filter wiener")
 
 
 def _protein(name: str, snr: float, seed: int, n_particles: int = 2000, **extra: object) -> SimulationConfig:
@@ -494,7 +495,8 @@ def rows_of(results: dict) -> list[Row]:
                                        method_rank.get(r.method, len(METHOD_ORDER)), r.method))
 
 
-METHOD_ORDER = ("cryo-drvae", "cryo-drvae --no_split_merge", "cryo-drvae --reference_filter wiener",
+METHOD_ORDER = ("cryo-drvae", "cryo-drvae --no_split_merge", "cryo-drvae --reference_filter ml",
+                "cryo-drvae --reference_filter wiener",
                 "cryo-drvae --no_drvae", "cryo-drvae --drvae", "cryo-drvae --balance 0",
                 "RELION 3.1.3", "oracle")
 TABLE_COLUMNS = ("set", "method", "accuracy", "NMI", "ARI", "smallest/largest class", "wall s", "CPU s",

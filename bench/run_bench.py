@@ -29,7 +29,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 # the default run has no DRVAE (docs/method.md), so the DRVAE ablation adds it
 ABLATIONS = {"cryo-drvae --balance 0": ["--balance", "0"], "cryo-drvae --drvae": ["--drvae"],
              "cryo-drvae --no_split_merge": ["--no_split_merge"],
-             "cryo-drvae --reference_filter wiener": ["--reference_filter", "wiener"]}
+             "cryo-drvae --reference_filter wiener": ["--reference_filter", "wiener"],
+             "cryo-drvae --reference_filter ml": ["--reference_filter", "ml"]}
 SKIPPABLE = ("cryo-drvae", "relion", "oracle", "ablations")
 
 

@@ -145,7 +145,7 @@ def _flags(field: str) -> tuple[str, ...]:
               help="Keep the working images in RAM (faster when they fit) instead of streaming them.")
 @click.option("--scratch_dir", default=None,
               help="Folder for the streamed working images. [default: <o>_scratch/ beside the outputs]")
-@click.option("--reference_filter", type=click.Choice(["ml", "wiener"]), default=_DEFAULTS.cluster.reference_filter,
+@click.option("--reference_filter", type=click.Choice(["ml", "ml_common", "wiener"]), default=_DEFAULTS.cluster.reference_filter,
               show_default=True, help="Class references during classification: maximum likelihood or Wiener-filtered.")
 @click.option("--split_merge/--no_split_merge", "split_merge", default=_DEFAULTS.cluster.split_merge,
               show_default=True, help="Split-and-merge moves at K, each kept only if the likelihood rises.")

@@ -188,9 +188,21 @@ class Refiner:
             # maximum likelihood: EM then never lowers the likelihood; Wiener shrinkage, weaker in
             # larger classes, let them absorb their neighbours (measured: docs/method.md)
             filtered = spectrum / (ctf2 + ML_REGULARISATION * self.ws.noise_var)
+            if self.reference_filter == "ml_common":
+                filtered = filtered * self.common_band(spectrum, ctf2, stats.weights)
         refs = torch.fft.irfft2(filtered, s=(box, box), norm="ortho") * self.solvent_mask
         refs[stats.weights <= 0] = 0.0
         return refs
+
+    def common_band(self, spectrum: torch.Tensor, ctf2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One resolution limit for every class: the shells where the classes' mean SSNR is >= 1
+        (a limit per class would again favour the larger ones)."""
+        _, ssnr = wiener_filter(spectrum, ctf2, self.ws.noise_var, self.shells)
+        used = weights > 0
+        mean = ssnr[used].mean(0) if used.any() else ssnr.mean(0)
+        low = torch.nonzero(mean[1:] < 1.0)
+        last = int(low[0]) + 1 if len(low) else len(mean)
+        return (self.shells < max(last, 3)).float()
 
     def expectation(self, refs: torch.Tensor, log_prior: torch.Tensor, soft_statistics: bool = True,
                     others: NDArray | None = None) -> tuple[NDArray, NDArray, Statistics | None]:
