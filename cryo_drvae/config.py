@@ -116,7 +116,7 @@ class ClusterConfig:
         _require(0.0 < self.psi_step <= 90.0, f"--psi_step must be in (0, 90] degrees, got {self.psi_step}")
         _require(self.max_shift_px >= 0, f"--max_shift_px must be >= 0, got {self.max_shift_px}")
         _require(self.reference_filter in ("ml", "ml_common", "wiener"),
-                 f"--reference_filter must be 'ml' or 'wiener', got {self.reference_filter!r}")
+                 f"--reference_filter must be 'ml_common', 'ml' or 'wiener', got {self.reference_filter!r}")
         _require(self.init_particles >= 0, f"--init_particles must be >= 0, got {self.init_particles}")
 
 

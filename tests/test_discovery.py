@@ -73,7 +73,7 @@ def hvr_set(tmp_path_factory):
 def test_maximum_likelihood_em_never_lowers_the_likelihood(hvr_set):
     # started at the truth, EM with Wiener-shrunk references lost likelihood step after step while
     # the larger classes absorbed a smaller one (87 -> 26 members); ML references climb and keep it
-    ref = refiner_for(hvr_set)
+    ref = refiner_for(hvr_set, reference_filter="ml")
     state = template_state(ref, hvr_set)
     values, smallest = [], []
     for _ in range(4):
@@ -82,6 +82,19 @@ def test_maximum_likelihood_em_never_lowers_the_likelihood(hvr_set):
         smallest.append(np.bincount(posterior(state.loglik, state.log_prior).argmax(1), minlength=6).min())
     assert all(b >= a - 1.0 for a, b in zip(values, values[1:])), values
     assert min(smallest) >= 60, smallest
+
+
+@needs_structures
+def test_default_references_share_one_band_limit_and_keep_every_class(hvr_set):
+    ref = refiner_for(hvr_set)                               # ml_common
+    state = template_state(ref, hvr_set)
+    for _ in range(3):
+        state = ref.em_step(state.refs, state.log_prior, floor=0.0)
+        sizes = np.bincount(posterior(state.loglik, state.log_prior).argmax(1), minlength=6)
+        assert sizes.min() >= 60, sizes
+    power = torch.fft.rfft2(state.refs / ref.solvent_mask.clamp(min=1e-3), norm="ortho").abs() ** 2
+    band = ref.common_band(torch.fft.rfft2(state.refs, norm="ortho"), torch.ones_like(power), torch.ones(6))
+    assert band.shape == power.shape[1:] and 0 < band.mean() <= 1
 
 
 @needs_structures
