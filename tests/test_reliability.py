@@ -174,7 +174,9 @@ def test_offset_and_gain_are_normalised_away(data):
 @pytest.fixture(scope="module")
 def normalised_accuracy(source, tmp_path_factory):
     prefix = tmp_path_factory.mktemp("norm_run") / "run"
-    result = classify(source / "particles.star", prefix)
+    # without split-and-merge moves: each is an accept/reject decision, so a rounding-level change of
+    # the input can flip one and land in another optimum; this test is about normalisation
+    result = classify(source / "particles.star", prefix, "--no_split_merge")
     assert result.exit_code == 0, result.output
     return accuracy(source, prefix)
 
@@ -186,7 +188,7 @@ def test_unnormalised_stacks_classify_like_normalised(kind, data, tmp_path, norm
               "per_image": lambda d, i: (d + 3.0 * np.arange(len(d))[:, None, None] + 7 * i).astype(np.float32)}
     rewrite_stacks(data, change[kind])
     prefix = tmp_path / "out" / "run"
-    result = classify(data / "particles.star", prefix)
+    result = classify(data / "particles.star", prefix, "--no_split_merge")
     assert result.exit_code == 0, result.output
     assert normalised_accuracy > 0.8
     assert accuracy(data, prefix) >= normalised_accuracy - 0.02
