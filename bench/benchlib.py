@@ -39,7 +39,8 @@ from cryo_drvae.evaluate import normalise_image_name, score_labels
 from cryo_drvae.plots import plot_side_by_side
 from cryo_drvae.preprocess import (WorkingSet, choose_working_box, fourier_crop, plan_preparation, prepare_working_set,
                                    rfft_weights, shell_index)
-from cryo_drvae.refine import Refiner
+from cryo_drvae import refine
+from cryo_drvae.refine import EMState, Refiner
 from cryo_drvae.simulate import SimulatedSet, SimulationConfig, simulate_dataset
 from cryo_drvae.stack import ParticleStack
 from cryo_drvae.star_io import pixel_sizes, read_particles
@@ -278,9 +279,9 @@ def template_references(templates: NDArray, working_box: int) -> torch.Tensor:
 def total_log_likelihood(refiner: Refiner, refs: torch.Tensor) -> float:
     """log p(data | refs) with a uniform class prior, poses marginalised."""
     k = refs.shape[0]
-    loglik, _, _ = refiner.expectation(refs, torch.full((k,), -float(np.log(k))))
-    top = loglik.max(1, keepdims=True)
-    return float(np.sum(top[:, 0] + np.log(np.exp(loglik - top).mean(1))))
+    uniform = np.full(k, -np.log(k))
+    loglik, _, _ = refiner.expectation(refs, torch.from_numpy(uniform).float(), soft_statistics=False)
+    return refine.total_log_likelihood(EMState(refs, uniform, loglik, None))
 
 
 def fit_template_scale(refiner: Refiner, refs: torch.Tensor, start: float) -> float:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from scipy.special import logsumexp
 
 from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, size_bounds
@@ -74,7 +75,6 @@ class Refiner:
                  comm: Comm = Comm(), n_total: int | None = None):
         """``ws`` holds this rank's shard of ``n_total`` particles (all of them on one process)."""
         self.ws, self.cfg, self.device, self.comm = ws, cfg, device, comm
-        self.reference_filter = cfg.reference_filter
         self.n_total = len(ws) if n_total is None else n_total
         box = ws.box_size
         max_shift = (cfg.max_shift_px or 0.1 * box * ws.scale) / ws.scale
@@ -182,13 +182,13 @@ class Refiner:
         numerator = numerator / self.coverage.cpu().clamp(min=0.3) * (self.coverage.cpu() > 0.05)
         spectrum = torch.fft.rfft2(numerator, norm="ortho")                 # (K, W, W/2+1)
         ctf2 = stats.ctf2_sums[:, self.shells]                              # (K, W, W/2+1)
-        if self.reference_filter == "wiener":
+        if self.cfg.reference_filter == "wiener":
             filtered, _ = wiener_filter(spectrum, ctf2, self.ws.noise_var, self.shells)
         else:
             # maximum likelihood: EM then never lowers the likelihood; Wiener shrinkage, weaker in
             # larger classes, let them absorb their neighbours (measured: docs/method.md)
             filtered = spectrum / (ctf2 + ML_REGULARISATION * self.ws.noise_var)
-            if self.reference_filter == "ml_common":
+            if self.cfg.reference_filter == "ml_common":
                 filtered = filtered * self.common_band(spectrum, ctf2, stats.weights)
         refs = torch.fft.irfft2(filtered, s=(box, box), norm="ortho") * self.solvent_mask
         refs[stats.weights <= 0] = 0.0
@@ -266,12 +266,16 @@ class Refiner:
         post = posterior(loglik, log_prior)
         stats.weights = self.comm.sum(torch.from_numpy(post.sum(0, dtype=np.float64)))
         class_share = (stats.weights / stats.weights.sum()).numpy()
-        new_refs = self.references(stats)
-        if max_shell is not None and max_shell < self.ws.box_size // 2:
-            new_refs = lowpass(new_refs, max_shell) * self.solvent_mask
+        new_refs = self.band_limited(self.references(stats), max_shell)
         k = refs.shape[0]
         floor = self.cfg.balance if floor is None else floor
         return EMState(new_refs, floored_log_prior(class_share, floor / k), loglik, best_pose)
+
+    def band_limited(self, refs: torch.Tensor, max_shell: float | None) -> torch.Tensor:
+        """References low-passed to ``max_shell`` (None or Nyquist: unchanged) and re-masked."""
+        if max_shell is None or max_shell >= self.ws.box_size // 2:
+            return refs
+        return lowpass(refs, max_shell) * self.solvent_mask
 
     def partial_em_step(self, state: EMState, classes: list[int], max_shell: float | None = None) -> EMState:
         """An EM step for ``classes`` only, the other references held fixed (split-and-merge moves).
@@ -285,18 +289,14 @@ class Refiner:
         others = None
         if len(rest):
             joint_rest = loglik[:, rest].astype(np.float64) + state.log_prior[rest][None]
-            top = joint_rest.max(1, keepdims=True)
-            others = (top[:, 0] + np.log(np.exp(joint_rest - top).sum(1))).astype(np.float32)
+            others = logsumexp(joint_rest, axis=1).astype(np.float32)
         sub_ll, sub_pose, stats = self.expectation(state.refs[chosen], torch.from_numpy(state.log_prior[chosen]).float(),
                                                    others=others)
         loglik[:, chosen], best_pose[:, chosen] = sub_ll, sub_pose
         post = posterior(loglik, state.log_prior)
         stats.weights = self.comm.sum(torch.from_numpy(post[:, chosen].sum(0, dtype=np.float64)))
         new_refs = state.refs.clone()
-        fresh = self.references(stats)
-        if max_shell is not None and max_shell < self.ws.box_size // 2:
-            fresh = lowpass(fresh, max_shell) * self.solvent_mask
-        new_refs[torch.from_numpy(chosen)] = fresh
+        new_refs[torch.from_numpy(chosen)] = self.band_limited(self.references(stats), max_shell)
         share = self.comm.sum(torch.from_numpy(post.sum(0, dtype=np.float64))).numpy()
         return EMState(new_refs, floored_log_prior(share / share.sum(), 0.0), loglik, best_pose)
 
@@ -338,9 +338,7 @@ def floored_log_prior(shares: NDArray, floor: float) -> NDArray:
 
 def total_log_likelihood(state: EMState) -> float:
     """log p(data | references, priors), poses and classes marginalised, from an E-step's results."""
-    joint = state.loglik.astype(np.float64) + state.log_prior[None]
-    top = joint.max(1)
-    return float(np.sum(top + np.log(np.exp(joint - top[:, None]).sum(1))))
+    return float(logsumexp(state.loglik.astype(np.float64) + state.log_prior[None], axis=1).sum())
 
 
 def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:

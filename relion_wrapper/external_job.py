@@ -361,16 +361,8 @@ def _remove(path: str | os.PathLike) -> None:
 def _remove_outputs_since(prefix: str, job_dir: str, since: float) -> list[str]:
     """Delete final outputs this run wrote (mtime >= since), so an aborted or failed run leaves none."""
     removed = []
-    for suffix in PIPELINE_SUFFIXES + WRAPPER_SUFFIXES:
-        path = f"{prefix}{suffix}"
-        try:
-            if os.path.getmtime(path) >= since - 1.0:
-                os.remove(path)
-                removed.append(path)
-        except OSError:
-            pass
-    for name in _selection_names():
-        path = os.path.join(job_dir, name)
+    paths = [f"{prefix}{suffix}" for suffix in PIPELINE_SUFFIXES + WRAPPER_SUFFIXES]
+    for path in paths + [os.path.join(job_dir, name) for name in _selection_names()]:
         try:
             if os.path.getmtime(path) >= since - 1.0:
                 os.remove(path)

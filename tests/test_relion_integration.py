@@ -279,7 +279,9 @@ def test_abort_file_stops_a_real_run(tmp_path):
     (project / "particles.star").write_text((project / "particles.star").read_text().replace(f"{project}/", ""))
     job = project / "External" / "job007"
     job.mkdir(parents=True)
-    params = [("K", str(K)), ("iter", "30"), ("epochs_initial", "500"), ("epochs_per_round", "50"), ("use_ctf", "0")]
+    # tolerance 0: all 30 rounds run, so the job is still busy when the abort file appears
+    params = [("K", str(K)), ("iter", "30"), ("tolerance", "0"), ("epochs_initial", "500"), ("epochs_per_round", "50"),
+              ("use_ctf", "0")]
     argv = [_wrapper_exe()] + relion313_external_argv("x", "External/job007/", in_parts="particles.star",
                                                         params=params, nr_threads=1)
     with open(job / "run.out", "w") as out, open(job / "run.err", "w") as err:
