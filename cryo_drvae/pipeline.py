@@ -7,7 +7,6 @@ A checkpoint after every round lets ``continue_run`` resume an interrupted job.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import shutil
@@ -270,9 +269,10 @@ def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConf
         references = refiner.references(refiner.statistics_from_labels(assignment.labels, assignment.pose))
         log_prior, labels = np.full(k, -np.log(k)), assignment.labels
     else:
-        coarse = Refiner(init_ws, dataclasses.replace(cfg.cluster, psi_step=max(20.0, cfg.cluster.psi_step)),
-                         device)
-        grown = grow_classes(coarse, k, split_merge=cfg.cluster.split_merge, should_abort=abort)
+        # on the rounds' angular step: a coarser one lets a large view gain likelihood by splitting
+        # into copies turned by half a step (measured: docs/method.md)
+        grown = grow_classes(Refiner(init_ws, cfg.cluster, device), k, split_merge=cfg.cluster.split_merge,
+                             should_abort=abort)
         references, log_prior = grown.refs, floored_log_prior(grown.log_prior, cfg.cluster.balance)
         labels = posterior(grown.loglik, grown.log_prior).argmax(1)
     references = comm.broadcast(references.contiguous())

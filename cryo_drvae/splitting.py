@@ -35,13 +35,43 @@ MOVE_SPLIT_FRACTION = 0.5   # split moves separate members on this fraction of t
 PRIOR_FLOOR = 1e-6      # a class given no weight keeps a finite log-prior (it may be re-seeded)
 
 
+def analysis_box(box: int, max_shell: float) -> int:
+    """The smallest even box that holds shells up to ``max_shell`` with a margin for the bilinear
+    resampling (at most ``box``): the split analysis is band-limited, so it runs there."""
+    return int(min(box, 2 * int(np.ceil(1.25 * max_shell)) + 2))
+
+
+def band_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(n, W, W)`` real images on a ``size`` box with the same low frequencies (unitary: the
+    energy, hence every eigenvalue of the split analysis, is kept)."""
+    box = images.shape[-1]
+    if size == box:
+        return images
+    half = size // 2
+    spectrum = torch.fft.rfft2(images, norm="ortho")
+    spectrum = torch.cat([spectrum[:, :half], spectrum[:, box - half:]], dim=1)[:, :, :half + 1]
+    return torch.fft.irfft2(spectrum, s=(size, size), norm="ortho")
+
+
+def crop_spectrum(full: torch.Tensor, size: int) -> torch.Tensor:
+    """``(n, W, W)`` values on the unshifted full FFT grid -> the same frequencies on a ``size`` grid."""
+    box = full.shape[-1]
+    if size == box:
+        return full
+    keep = torch.from_numpy(np.r_[0:size // 2, box - size // 2:box])
+    return full[:, keep][:, :, keep]
+
+
 def aligned_members(ref: Refiner, members: NDArray, pose: NDArray, max_shell: float) -> torch.Tensor:
-    """Phase-flipped members brought into the reference frame, low-passed, masked, flattened."""
+    """Phase-flipped members brought into the reference frame, low-passed, masked, flattened
+    (on the :func:`analysis_box` of ``max_shell``)."""
+    size = analysis_box(ref.ws.box_size, max_shell)
+    scale = size / ref.ws.box_size
     psi, shift = ref.grid.decode(pose)
-    imgs = transform_images(ref.ws.flipped[members], torch.from_numpy(psi).float(),
-                            torch.from_numpy(shift).float(), to_reference=True)
+    imgs = transform_images(band_crop(ref.ws.flipped[members], size), torch.from_numpy(psi).float(),
+                            torch.from_numpy(shift * scale).float(), to_reference=True)
     imgs = lowpass(imgs, max_shell)
-    mask = torch.from_numpy(circular_mask(ref.ws.box_size, ref.ws.particle_radius))
+    mask = torch.from_numpy(circular_mask(size, ref.ws.particle_radius * scale))
     return imgs[:, mask]
 
 
@@ -55,7 +85,9 @@ def member_residuals(ref: Refiner, members: NDArray, pose: NDArray, reference: t
     discrete grid then no longer look like heterogeneity; different structures still do.
     Returns ``(m, M)`` like :func:`aligned_members`; members are processed ``chunk`` at a time.
     """
-    box = ref.ws.box_size
+    box = analysis_box(ref.ws.box_size, max_shell)
+    scale = box / ref.ws.box_size
+    reference = band_crop(reference[None], box)[0]
     step = 2.0
     moved = transform_images(reference.expand(6, box, box),
                              torch.tensor([step, -step, 0.0, 0.0, 0.0, 0.0]),
@@ -63,13 +95,13 @@ def member_residuals(ref: Refiner, members: NDArray, pose: NDArray, reference: t
                                            [0.0, 0.5], [0.0, -0.5]]))
     basis = torch.stack([reference, moved[0] - moved[1], moved[2] - moved[3], moved[4] - moved[5]])
     spectra = torch.fft.fft2(basis)                                          # (4, W, W)
-    mask = torch.from_numpy(circular_mask(box, ref.ws.particle_radius))
+    mask = torch.from_numpy(circular_mask(box, ref.ws.particle_radius * scale))
     out = []
     for start in range(0, len(members), chunk):
         part, part_pose = members[start:start + chunk], pose[start:start + chunk]
         psi, _ = ref.grid.decode(part_pose)
         psi_t = torch.from_numpy(psi).float()
-        ctf = ref.ws.effective_ctf(part)                                     # (c, W, W) |CTF x w|
+        ctf = crop_spectrum(ref.ws.effective_ctf(part), box)                 # (c, W, W) |CTF x w|
         # it turns with the member into the reference frame (the shift does not move it)
         ctf = torch.fft.ifftshift(transform_images(torch.fft.fftshift(ctf, dim=(-2, -1)), psi_t,
                                                    torch.zeros(len(part), 2), to_reference=True),
