@@ -157,6 +157,18 @@ def test_small_real_protein_set_classifies_without_merged_views(tmp_path, monkey
 SMALL_SET_SEED = 7
 
 
+@needs_structures
+def test_imbalanced_real_protein_set_keeps_large_views_whole_and_small_ones_apart(tmp_path, monkeypatch):
+    # 3KPR, 6 views of 28-222 particles, SNR 0.05, box 48: with class growing on a 20° grid the
+    # largest views split into two classes and the smallest merged into a neighbour (0.85)
+    monkeypatch.chdir(tmp_path)
+    sim = protein_set(Path("sim"), "3KPR.cif.gz", seed=21, imbalance=8.0)
+    result = run(fast_config(sim.star_path, tmp_path / "out" / "run", n_classes=6, psi_step=10.0, n_rounds=8))
+    scores = evaluate_run(sim.truth_path, result.paths["data_star"])
+    sizes = np.bincount(result.result.labels, minlength=6)
+    assert scores.accuracy >= 0.95, (scores, sizes)
+
+
 @pytest.mark.parametrize("n_views, n_particles, k", [(4, 160, 20), (2, 12, 12)])
 def test_k_far_above_the_views_or_equal_to_n_never_crashes(tmp_path, n_views, n_particles, k):
     sim = simulate_dataset(SimulationConfig(n_classes=n_views, n_particles=n_particles, snr=0.05, box_size=32,
