@@ -101,6 +101,7 @@ def test_default_references_share_one_band_limit_and_keep_every_class(hvr_set):
     assert 0.05 < float(band.mean()) < 1.0
 
 
+@pytest.mark.slow
 @needs_structures
 def test_a_move_undoes_merged_and_split_views(hvr_set):
     # a state with views 0 and 1 merged in one class and view 2 split over two: the move that
@@ -144,6 +145,7 @@ def test_partial_em_on_every_class_is_a_full_em_step(hvr_set):
     np.testing.assert_allclose(partial.loglik, full.loglik, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 @needs_structures
 def test_small_real_protein_set_classifies_without_merged_views(tmp_path, monkeypatch):
     # 3KPR, 6 views x 100, SNR 0.05, box 48: every view owns one class
@@ -157,7 +159,7 @@ def test_small_real_protein_set_classifies_without_merged_views(tmp_path, monkey
 SMALL_SET_SEED = 7
 
 
-@pytest.mark.parametrize("n_views, n_particles, k", [(4, 160, 20), (2, 12, 12)])
+@pytest.mark.parametrize("n_views, n_particles, k", [pytest.param(4, 160, 20, marks=pytest.mark.slow), (2, 12, 12)])
 def test_k_far_above_the_views_or_equal_to_n_never_crashes(tmp_path, n_views, n_particles, k):
     sim = simulate_dataset(SimulationConfig(n_classes=n_views, n_particles=n_particles, snr=0.05, box_size=32,
                                             pixel_size=5.0, seed=4), tmp_path / "sim")

@@ -39,6 +39,7 @@ def test_loss_adds_the_weighted_gaussian_kl_to_the_prior():
     assert at_prior == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_kl_weight_pulls_the_latent_posterior_towards_the_prior():
     """Trained with a heavy KL weight, the encoder's posteriors sit much closer to N(0, I)."""
     gen = torch.Generator().manual_seed(0)
@@ -57,6 +58,7 @@ def test_kl_weight_pulls_the_latent_posterior_towards_the_prior():
     assert pulled < 0.25 * free, (free, pulled)
 
 
+@pytest.mark.slow
 def test_training_denoises_towards_the_clean_images():
     generator = torch.Generator().manual_seed(0)
     grid = torch.arange(16.0) - 8

@@ -36,6 +36,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_bars_draw_on_a_terminal_that_reports_no_size(tiny, tmp_path):
     master, slave = pty.openpty()            # a fresh pty has 0 rows and 0 columns, like `script`'s
     proc = subprocess.Popen(_classify(tiny, tmp_path), stdin=slave, stdout=slave, stderr=slave, env=_env(),
@@ -61,6 +62,7 @@ def test_bars_draw_on_a_terminal_that_reports_no_size(tiny, tmp_path):
     assert "aligning:" in text and "%|" in text, text[-2000:]
 
 
+@pytest.mark.slow
 def test_no_bars_when_not_a_terminal(tiny, tmp_path):
     proc = subprocess.run(_classify(tiny, tmp_path), capture_output=True, text=True, env=_env(), cwd=tiny,
                           timeout=300)

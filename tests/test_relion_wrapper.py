@@ -249,6 +249,7 @@ def test_unknown_arguments_warn_but_do_not_fail(project, logs):
 
 # ---- failure ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_missing_input_star_fails_with_one_line_naming_the_file(project):
     parts, job = project
     (job / ej.EXIT_SUCCESS).touch()                          # stale

@@ -218,6 +218,7 @@ def test_missing_model_is_one_clear_error(tmp_path):
         SimulationConfig(pdb_files=(str(tmp_path / "nope.pdb"),))
 
 
+@pytest.mark.slow
 def test_simulate_runs_under_python_OO(tmp_path):
     """``-OO`` strips docstrings: the conventions text written beside truth.csv must not come from one."""
     import os
