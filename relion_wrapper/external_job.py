@@ -254,8 +254,11 @@ def _image_info(data_star: Path) -> tuple[int, float] | None:
         return None
 
 
-def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int | None = None) -> Path:
-    """Minimal ``<prefix>_optimiser.star``: what RELION 4/5 Subset selection reads from a Class2D run."""
+def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int) -> Path:
+    """Minimal ``<prefix>_optimiser.star``: what RELION 4/5 Subset selection reads from a Class2D run.
+
+    ``rlnCurrentIteration`` is ``n_iterations_done``, the rounds the run reports (``RunResult.n_rounds``,
+    fewer than ``--iter`` when it converged); ``rlnNumberOfIterations`` is ``--iter``."""
     diameter = cfg.data.particle_diameter
     if diameter <= 0:        # the diameter the classification used (DIAMETER_FRACTION x box)
         info = _image_info(Path(f"{prefix}_data.star"))
@@ -265,7 +268,7 @@ def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int | None =
         ("rlnOutputRootName", os.path.dirname(prefix) + "/run"),
         ("rlnModelStarFile", f"{prefix}_model.star"),
         ("rlnExperimentalDataStarFile", f"{prefix}_data.star"),
-        ("rlnCurrentIteration", n_iterations_done if n_iterations_done is not None else cfg.cluster.n_rounds),
+        ("rlnCurrentIteration", int(n_iterations_done)),
         ("rlnNumberOfIterations", cfg.cluster.n_rounds),
         ("rlnParticleDiameter", diameter),
         ("rlnDoCorrectCtf", use_ctf),
@@ -494,7 +497,7 @@ def run_job(argv: Sequence[str] | None = None,
         for path in (data_star, model_star):
             if not os.path.isfile(path):
                 raise CryoDrvaeError(f"{path}: the classification finished but did not write this file")
-        write_optimiser(prefix, cfg, getattr(result, "n_rounds", None))
+        write_optimiser(prefix, cfg, result.n_rounds)
         class_star = write_class_averages_star(prefix)
         extra_nodes = auto_select(selection_cfg) if selection_cfg is not None else []
         write_output_nodes(job_dir, [(data_star, "data"), (model_star, "model"),

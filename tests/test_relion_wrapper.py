@@ -258,6 +258,29 @@ def test_current_iteration_is_the_rounds_actually_run(project, logs):
     assert opt["rlnCurrentIteration"] == 2 and opt["rlnNumberOfIterations"] == 5
 
 
+@pytest.mark.slow
+def test_current_iteration_is_what_the_real_run_reports(project, logs):
+    """The real pipeline, converged before --iter: rlnCurrentIteration is its RunResult.n_rounds."""
+    from cryo_drvae import pipeline
+    from cryo_drvae.simulate import SimulationConfig, simulate_dataset
+    _, job = project
+    sim = simulate_dataset(SimulationConfig(n_classes=2, n_particles=40, snr=0.5, box_size=32, pixel_size=5.0,
+                                            seed=5), "Extract/job004", project_dir=".")
+    results = []
+
+    def real_run(cfg, should_abort):
+        results.append(pipeline.run(cfg, should_abort))
+        return results[-1]
+
+    argv = ["--o", f"{job}/", "--in_parts", str(sim.star_path), "--j", "1", "--K", "2", "--iter", "6",
+            "--psi_step", "30", "--tolerance", "0.5"]
+    rc = ej.run_job(argv, pipeline_run=real_run)
+    assert rc == 0, logs.readouterr().err
+    opt = starfile.read(job / "run_it006_optimiser.star")
+    assert 1 <= results[0].n_rounds < 6, results[0].result.history        # converged before --iter
+    assert opt["rlnCurrentIteration"] == results[0].n_rounds and opt["rlnNumberOfIterations"] == 6
+
+
 def test_relion_class2d_flags_follow_the_shared_policy(project, logs):
     """RELION names with a meaning here are used; the other relion_refine flags are warned about."""
     parts, job = project
