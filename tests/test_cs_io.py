@@ -164,6 +164,7 @@ def runs(project):
     return {"cs": root / "cs" / "run", "star": root / "star" / "run"}
 
 
+@pytest.mark.slow
 def test_star_and_cs_give_identical_classes(runs):
     cs_data = starfile.read(f"{runs['cs']}_data.star")["particles"]
     star_data = starfile.read(f"{runs['star']}_data.star")["particles"]
@@ -175,6 +176,7 @@ def test_star_and_cs_give_identical_classes(runs):
     assert len(np.unique(cs_classes)) == 4
 
 
+@pytest.mark.slow
 def test_particles_cs_and_data_star_agree(project, runs):
     """Our _data.star and _particles.cs turned into each other's terms (pyem's csparc2star mapping)."""
     prefix = runs["cs"]
@@ -202,6 +204,7 @@ def test_particles_cs_and_data_star_agree(project, runs):
     assert list(names[2]) == [p.lstrip(">") for p in out["blob/path"]]
 
 
+@pytest.mark.slow
 def test_templates_describe_the_class_averages(runs):
     prefix = runs["cs"]
     templates = Dataset.load(f"{prefix}_templates.cs")

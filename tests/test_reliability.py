@@ -229,6 +229,7 @@ def interrupted(data, tmp_path, monkeypatch):
     return data, prefix
 
 
+@pytest.mark.slow
 def test_checkpoint_is_a_plain_state_dict(interrupted):
     _, prefix = interrupted
     saved = torch.load(f"{prefix}_checkpoint.pt", weights_only=True)
