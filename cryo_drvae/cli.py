@@ -15,7 +15,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import DIAMETER_FRACTION, RunConfig
+from .config import DIAMETER_FRACTION, RunConfig, parse_gpu
 from .errors import CryoDrvaeError
 from .relion_flags import FLAG_NAMES, sort_extra_arguments
 from .signals import Terminated, terminate_as_interrupt
@@ -77,15 +77,6 @@ def interrupted_message(exc: KeyboardInterrupt, prefix: str | None) -> str:
         return (f"interrupted by {what}; scratch files removed, {checkpoint} keeps the last finished "
                 f"round: rerun the same command with --continue to resume")
     return f"interrupted by {what} before the first round finished; scratch files removed: rerun the command"
-
-
-def parse_gpu(gpu: str | None) -> str:
-    """RELION's ``--gpu "0,1"`` -> ``cuda:0,1`` ("" = GPU 0; under torchrun rank r uses the r-th id);
-    None -> CPU."""
-    if gpu is None:
-        return "cpu"
-    ids = [t.strip() for t in gpu.replace(":", ",").split(",") if t.strip()]
-    return "cuda:" + ",".join(str(int(t)) for t in ids or ["0"])
 
 
 @click.group()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,21 @@ def _require(condition: bool, message: str) -> None:
 
 #: ``particle_diameter`` 0 means this fraction of the box (extraction boxes are ~1.5-2x the particle).
 DIAMETER_FRACTION = 0.6
+
+
+def parse_gpu(gpu: str | None) -> str:
+    """``--gpu`` (RELION-style, the CLI's and the External job's) -> device: None -> ``cpu``;
+    ``""`` -> ``cuda:0``; ``"0,1"`` or ``"0:1"`` -> ``cuda:0,1`` (under torchrun rank r uses the r-th id).
+
+    Only the spelling is checked here; whether CUDA and those GPUs exist is checked when the run
+    starts (``pipeline.resolve_device``): a missing GPU is an error, never a silent CPU run.
+    """
+    if gpu is None:
+        return "cpu"
+    ids = [t for t in re.split(r"[,:\s]+", gpu) if t]
+    if not all(t.isdigit() for t in ids):
+        raise ConfigError(f"--gpu: expected device numbers such as '0' or '0,1', got {gpu!r}")
+    return "cuda:" + ",".join(str(int(t)) for t in ids or ["0"])
 
 
 def gpu_ids(device: str) -> list[int]:

@@ -23,8 +23,8 @@ from numpy.typing import NDArray
 
 from . import star_io
 from .errors import InputFileError
-from .io_utils import atomic_path
-from .outputs import ClassificationResult, check_outputs_writable
+from .io_utils import atomic_path, make_output_folder
+from .outputs import ClassificationResult
 from .stack import _parse_image_names
 from .star_io import ParticleTable
 
@@ -207,7 +207,7 @@ def write_cs_outputs(prefix: str | os.PathLike, table: ParticleTable, result: Cl
     """
     if not (force or isinstance(table, CsParticleTable)):
         return {}
-    check_outputs_writable(prefix)
+    make_output_folder(prefix)            # writability: checked once, when the run claimed the prefix
     prefix = os.fspath(prefix)
     paths = {key: Path(f"{prefix}{suffix}") for key, suffix in
              zip(("cs_class_averages", "cs_templates", "cs_particles"), CS_OUTPUT_SUFFIXES)}

@@ -97,8 +97,8 @@ def prefix_lock(prefix: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def claim_prefix(cfg: RunConfig, main_process: bool = True) -> Iterator[None]:
     """Lock the output prefix and check that the run may write there (main process only)."""
-    if not main_process:
-        yield
+    if not main_process or os.path.abspath(lock_path(cfg.output_prefix)) in _held:
+        yield                   # another rank, or claimed already by this process (the CLI, then run)
         return
     from .outputs import check_outputs_writable     # creates the folder the lock goes in
 

@@ -78,6 +78,25 @@ def staged_outputs() -> Iterator[list[tuple[Path, Path]]]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def make_output_folder(prefix: str | os.PathLike) -> Path:
+    """Create the folder of an output prefix (no writability check: a run checks that once, when
+    it claims the prefix, ``guard.claim_prefix``). Returns the folder.
+
+    Raises
+    ------
+    OutputError
+        If the folder cannot be created.
+    """
+    prefix = Path(prefix)
+    folder = prefix.parent if str(prefix.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); "
+                          f"choose an --o prefix in a writable folder") from None
+    return folder
+
+
 def ensure_output_prefix(prefix: str | os.PathLike) -> Path:
     """Create the folder of an output prefix and check it is writable.
 
@@ -87,12 +106,7 @@ def ensure_output_prefix(prefix: str | os.PathLike) -> Path:
         If the folder cannot be created or written.
     """
     prefix = Path(prefix)
-    folder = prefix.parent if str(prefix.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror}); "
-                          f"choose an --o prefix in a writable folder") from None
+    folder = make_output_folder(prefix)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{folder}: output folder is not writable; "
                           f"choose an --o prefix in a writable folder or fix its permissions")

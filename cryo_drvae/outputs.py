@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from . import scoring, star_io
 from .errors import OutputError
-from .io_utils import atomic_path, ensure_output_prefix
+from .io_utils import atomic_path, ensure_output_prefix, make_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def write_run_outputs(prefix: str | os.PathLike, table: star_io.ParticleTable,
         If the result's arrays do not match the table or each other.
     """
     _check_result(table, result)
-    check_outputs_writable(prefix)
+    make_output_folder(prefix)            # writability: checked once, when the run claimed the prefix
     paths = output_paths(prefix)
     counts = result.class_counts()
     _write_class_averages(paths["class_averages"], result, counts)

@@ -79,6 +79,9 @@ def resolve_device(name: str, comm: Comm = Comm()) -> torch.device:
         raise ConfigError(f"--gpu was given but CUDA is not available (torch {torch.__version__}); "
                           f"run without --gpu on this machine")
     ids = gpu_ids(name)
+    if max(ids) >= torch.cuda.device_count():
+        raise ConfigError(f"--gpu: device {max(ids)} requested but only {torch.cuda.device_count()} "
+                          f"CUDA device(s) visible")
     device = torch.device(f"cuda:{ids[comm.local_rank % len(ids)]}")
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 scores: same labels, several times faster

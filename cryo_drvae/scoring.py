@@ -21,10 +21,11 @@ import pandas as pd
 from numpy.typing import NDArray
 from scipy.ndimage import gaussian_filter
 
+from .config import DIAMETER_FRACTION
+
 logger = logging.getLogger(__name__)
 
 SCORE_COLUMN = "rlnClassScore"
-DEFAULT_DIAMETER_FRACTION = 0.6     # of the box, as classify's --particle_diameter default
 UNDEFINED_RESOLUTION = 999.0
 
 
@@ -158,11 +159,11 @@ def class_features(averages: NDArray, counts: NDArray, resolution: NDArray, pixe
     resolution : (K,) estimated resolution in Å (999 or inf: undefined).
     pixel_size : Å/px of the averages.
     mean_confidence : (K,) members' mean assignment confidence in [0, 1].
-    diameter_px : particle (mask) diameter in px; default 60 % of the box.
+    diameter_px : particle (mask) diameter in px; default ``config.DIAMETER_FRACTION`` of the box.
     """
     averages = np.asarray(averages, dtype=np.float64)
     box = averages.shape[-1]
-    radius = 0.5 * (diameter_px if diameter_px else DEFAULT_DIAMETER_FRACTION * box)
+    radius = 0.5 * (diameter_px if diameter_px else DIAMETER_FRACTION * box)   # classify's default
     shares = nyquist_shares(resolution, pixel_size)
     best = float(shares[np.asarray(counts) > 0].max()) if (np.asarray(counts) > 0).any() else 0.0
     rows = []

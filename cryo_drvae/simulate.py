@@ -22,20 +22,8 @@ contrast inversion), cropped to ``box_size``, given white Gaussian noise of vari
 requested SNR), and normalised as RELION's extraction does: the background outside the circle of
 ``particle_diameter`` has mean 0 and standard deviation 1.
 
-Geometry conventions (used in ``truth.csv`` and ``truth_conventions.txt``)
------------------------------------------------------------------------
-Images are numpy arrays ``image[row, column]`` exactly as stored in the .mrcs (first row first).
-``x`` is the column index and ``y`` the row index, measured in pixels from the box centre
-``(box//2, box//2)``. A particle is its class template (``templates.mrcs``, psi = 0, no shift)
-rotated by ``psi_deg`` and then shifted, i.e. the template point ``(x, y)`` lands at
-``(x cos psi - y sin psi + shift_x_px, x sin psi + y cos psi + shift_y_px)``. This rotation is
-counter-clockwise when the y axis points up (the MRC convention: first row at the bottom, as
-in most MRC viewers), clockwise when row 0 is drawn at the top (``imshow`` default).
-``shift_x_px, shift_y_px`` is where the particle centre (the density-weighted centre of the
-atoms) sits relative to the box centre. RELION's origin that would re-centre the particle is
-``rlnOriginX = -shift_x_px`` (re-extraction takes ``rlnCoordinateX - rlnOriginX``); the STAR file
-written here holds origins of 0, like a fresh extraction. Defoci in Å, ``defocus_angle`` in degrees
-from the x axis in the same frame, as RELION defines ``rlnDefocusAngle``.
+Geometry conventions: ``GEOMETRY_CONVENTIONS`` below (also written as ``truth_conventions.txt``;
+a constant, not this docstring, so that ``python -OO`` keeps it).
 
 Files
 -----
@@ -90,6 +78,24 @@ STAR_VERSION_LINE = "# version 30001"
 
 TRUTH_COLUMNS = ["image_name", "class", "shape", "view", "psi_deg", "shift_x_px", "shift_y_px",
                  "defocus_u", "defocus_v", "defocus_angle"]
+
+#: How ``truth.csv`` describes each particle (written beside it as ``truth_conventions.txt``).
+GEOMETRY_CONVENTIONS = """\
+Geometry conventions (used in ``truth.csv`` and ``truth_conventions.txt``)
+-----------------------------------------------------------------------
+Images are numpy arrays ``image[row, column]`` exactly as stored in the .mrcs (first row first).
+``x`` is the column index and ``y`` the row index, measured in pixels from the box centre
+``(box//2, box//2)``. A particle is its class template (``templates.mrcs``, psi = 0, no shift)
+rotated by ``psi_deg`` and then shifted, i.e. the template point ``(x, y)`` lands at
+``(x cos psi - y sin psi + shift_x_px, x sin psi + y cos psi + shift_y_px)``. This rotation is
+counter-clockwise when the y axis points up (the MRC convention: first row at the bottom, as
+in most MRC viewers), clockwise when row 0 is drawn at the top (``imshow`` default).
+``shift_x_px, shift_y_px`` is where the particle centre (the density-weighted centre of the
+atoms) sits relative to the box centre. RELION's origin that would re-centre the particle is
+``rlnOriginX = -shift_x_px`` (re-extraction takes ``rlnCoordinateX - rlnOriginX``); the STAR file
+written here holds origins of 0, like a fresh extraction. Defoci in Å, ``defocus_angle`` in degrees
+from the x axis in the same frame, as RELION defines ``rlnDefocusAngle``.
+"""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -622,12 +628,6 @@ def write_star(path: Path, blocks: dict[str, pd.DataFrame], version_line: bool) 
             tmp.write_text(text)
 
 
-def _conventions_text() -> str:
-    doc = __doc__ or ""
-    start = doc.index("Geometry conventions")
-    return doc[start:doc.index("Files\n-----")].strip() + "\n"
-
-
 def _write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -639,7 +639,7 @@ def write_truth(out_dir: Path, truth: pd.DataFrame) -> Path:
     columns = TRUTH_COLUMNS + [c for c in (KIND_COLUMN,) if c in truth]   # junk sets only
     with atomic_path(path) as tmp:
         truth[columns].to_csv(tmp, index=False, float_format="%.6f")
-    _write_text(out_dir / "truth_conventions.txt", _conventions_text())
+    _write_text(out_dir / "truth_conventions.txt", GEOMETRY_CONVENTIONS)
     return path
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cryo_drvae import __version__
-from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig, gpu_ids
+from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig, gpu_ids, parse_gpu
 from cryo_drvae.cs_io import CS_OUTPUT_SUFFIXES
 from cryo_drvae.errors import AbortRequested, ConfigError, CryoDrvaeError, InputFileError
 from cryo_drvae.io_utils import atomic_path
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in_parts", required=True, help="input particles STAR file (RELION 3.0 or 3.1+ format) or cryoSPARC .cs")
     p.add_argument("--j", default="1", help="threads (RELION's 'Number of threads')")
     p.add_argument("--gpu", nargs="?", const=_BARE, default=None,
-                   help="GPU ids as in RELION ('0', '0,1'); the first is used; empty = GPU 0")
+                   help="GPU ids as in RELION ('0', '0,1': one process per GPU); empty = GPU 0; "
+                        "an error without CUDA")
     p.add_argument(*_ALIASES["seed"], dest="seed", default=None, help="random seed (default 0)")
     p.add_argument("--continue", dest="continue_run", nargs="?", const=_BARE, default=None,
                    help="resume from the checkpoint in the job folder")
@@ -135,29 +136,6 @@ def _convert(option: str, raw: str, default: Any) -> Any:
         return kind(raw)
     except ValueError:
         raise ConfigError(f"--{option}: expected {kind.__name__}, got {raw!r}") from None
-
-
-def _device_from_gpu(gpu: str | None) -> str:
-    """RELION's --gpu value ('', '0', '0,1', '0:1') -> torch device; CPU when no CUDA (with a warning)."""
-    if gpu is None:
-        return "cpu"
-    ids = [t for t in re.split(r"[,:\s]+", "" if gpu == _BARE else gpu) if t]
-    if ids and not all(t.isdigit() for t in ids):
-        raise ConfigError(f"--gpu: expected device numbers such as '0' or '0,1', got {gpu!r}")
-    first = int(ids[0]) if ids else 0
-    try:
-        import torch
-        n_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - a broken CUDA install must not stop a CPU run
-        n_devices = 0
-    if n_devices == 0:
-        logger.warning("--gpu %s: no CUDA device is available on this machine; running on the CPU",
-                       gpu if gpu != _BARE else "")
-        return "cpu"
-    numbers = [int(t) for t in ids] or [0]
-    if max(numbers) >= n_devices:
-        raise ConfigError(f"--gpu: device {max(numbers)} requested but only {n_devices} CUDA device(s) visible")
-    return "cuda:" + ",".join(str(i) for i in numbers)
 
 
 def gpu_count(device: str) -> int:
@@ -198,7 +176,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         particles_star=args.in_parts,
         output_prefix=output_prefix(args.o, n_rounds),
         threads=threads,
-        device=_device_from_gpu(args.gpu),
+        device=parse_gpu("" if args.gpu == _BARE else args.gpu),   # no CUDA: the run fails, as classify's
         continue_run=continue_run,
         overwrite=True,       # RELION owns the job folder: rerunning a job replaces its outputs
         seed=seed,
@@ -276,8 +254,11 @@ def _image_info(data_star: Path) -> tuple[int, float] | None:
         return None
 
 
-def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int | None = None) -> Path:
-    """Minimal ``<prefix>_optimiser.star``: what RELION 4/5 Subset selection reads from a Class2D run."""
+def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int) -> Path:
+    """Minimal ``<prefix>_optimiser.star``: what RELION 4/5 Subset selection reads from a Class2D run.
+
+    ``rlnCurrentIteration`` is ``n_iterations_done``, the rounds the run reports (``RunResult.n_rounds``,
+    fewer than ``--iter`` when it converged); ``rlnNumberOfIterations`` is ``--iter``."""
     diameter = cfg.data.particle_diameter
     if diameter <= 0:        # the diameter the classification used (DIAMETER_FRACTION x box)
         info = _image_info(Path(f"{prefix}_data.star"))
@@ -287,7 +268,7 @@ def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int | None =
         ("rlnOutputRootName", os.path.dirname(prefix) + "/run"),
         ("rlnModelStarFile", f"{prefix}_model.star"),
         ("rlnExperimentalDataStarFile", f"{prefix}_data.star"),
-        ("rlnCurrentIteration", n_iterations_done if n_iterations_done is not None else cfg.cluster.n_rounds),
+        ("rlnCurrentIteration", int(n_iterations_done)),
         ("rlnNumberOfIterations", cfg.cluster.n_rounds),
         ("rlnParticleDiameter", diameter),
         ("rlnDoCorrectCtf", use_ctf),
@@ -516,7 +497,7 @@ def run_job(argv: Sequence[str] | None = None,
         for path in (data_star, model_star):
             if not os.path.isfile(path):
                 raise CryoDrvaeError(f"{path}: the classification finished but did not write this file")
-        write_optimiser(prefix, cfg, getattr(result, "n_rounds", None))
+        write_optimiser(prefix, cfg, result.n_rounds)
         class_star = write_class_averages_star(prefix)
         extra_nodes = auto_select(selection_cfg) if selection_cfg is not None else []
         write_output_nodes(job_dir, [(data_star, "data"), (model_star, "model"),

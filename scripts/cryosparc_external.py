@@ -28,7 +28,8 @@ import numpy as np
 from cryosparc.dataset import Dataset
 
 from cryo_drvae import cs_io, pipeline
-from cryo_drvae.cli import classify, parse_gpu, setup_logging
+from cryo_drvae.cli import classify, setup_logging
+from cryo_drvae.config import parse_gpu
 from cryo_drvae.config import RunConfig
 from cryo_drvae.errors import CryoDrvaeError
 

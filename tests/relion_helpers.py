@@ -133,7 +133,7 @@ def make_particle_set(out_dir: Path, *, n_classes: int = 3, n_per_class: int = 2
 @dataclass
 class FakeResult:
     paths: dict[str, Path]
-    n_rounds: int | None = None      # rounds run (the real pipeline's RunResult.n_rounds)
+    n_rounds: int = 0                # rounds run (the real pipeline's RunResult.n_rounds)
 
 
 class FakePipeline:
@@ -189,7 +189,7 @@ class FakePipeline:
         starfile.write({"model_general": general, "model_classes": classes}, paths["model_star"], overwrite=True)
         for key in ("classes_png", "convergence_png"):
             paths[key].write_bytes(b"\x89PNG\r\n\x1a\n")
-        return FakeResult(paths, self.rounds_run)
+        return FakeResult(paths, cfg.cluster.n_rounds if self.rounds_run is None else self.rounds_run)
 
 
 # ---- RELION 3.1.3's External job command line ----------------------------------------------------

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import cryo_drvae
 
@@ -17,6 +18,7 @@ def test_import_is_light_and_names_resolve():
         assert getattr(cryo_drvae, name) is not None
 
 
+@pytest.mark.slow
 def test_classify_from_python(small_set, tmp_path):
     result = cryo_drvae.classify(small_set.star_path, tmp_path / "run", n_classes=4, threads=2, n_rounds=2,
                                  psi_step=12.0)

@@ -250,3 +250,20 @@ def test_a_relion5_particles_star_classifies(tiny, tmp_path):
     out = starfile.read(tmp_path / "out" / "run_data.star")
     assert out["optics"]["rlnCtfDataAreCtfPremultiplied"].tolist() == [0]
     assert "rlnCtfMaxResolution" in out["particles"] and out["particles"]["rlnClassNumber"].between(1, 2).all()
+
+
+def test_the_output_folder_is_checked_once(tiny, tmp_path, monkeypatch):
+    """One writability probe per run (when the prefix is claimed), not one per writer and per claim."""
+    from cryo_drvae import outputs
+    probes = []
+    real = outputs.tempfile.NamedTemporaryFile
+
+    def probe(*args, **kwargs):
+        probes.append(kwargs.get("dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "NamedTemporaryFile", probe)
+    result = classify(tiny / "particles.star", tmp_path / "out", "--cs_out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "run_particles.cs").is_file() and (tmp_path / "out" / "run_data.star").is_file()
+    assert probes == [tmp_path / "out"]

@@ -164,6 +164,7 @@ def runs(project):
     return {"cs": root / "cs" / "run", "star": root / "star" / "run"}
 
 
+@pytest.mark.slow
 def test_star_and_cs_give_identical_classes(runs):
     cs_data = starfile.read(f"{runs['cs']}_data.star")["particles"]
     star_data = starfile.read(f"{runs['star']}_data.star")["particles"]
@@ -175,6 +176,7 @@ def test_star_and_cs_give_identical_classes(runs):
     assert len(np.unique(cs_classes)) == 4
 
 
+@pytest.mark.slow
 def test_particles_cs_and_data_star_agree(project, runs):
     """Our _data.star and _particles.cs turned into each other's terms (pyem's csparc2star mapping)."""
     prefix = runs["cs"]
@@ -202,6 +204,7 @@ def test_particles_cs_and_data_star_agree(project, runs):
     assert list(names[2]) == [p.lstrip(">") for p in out["blob/path"]]
 
 
+@pytest.mark.slow
 def test_templates_describe_the_class_averages(runs):
     prefix = runs["cs"]
     templates = Dataset.load(f"{prefix}_templates.cs")
@@ -221,6 +224,7 @@ def test_templates_describe_the_class_averages(runs):
     assert np.array_equal(counts, model["rlnParticleNumber"])
 
 
+@pytest.mark.slow
 def test_star_input_without_cs_out_writes_no_cs(project, tmp_path):
     result = CliRunner().invoke(main, ["classify", "--i", str(project["star"]), "--o", str(tmp_path / "run"),
                                        "--K", "4", "--j", "1", "--iter", "1"])
@@ -240,6 +244,7 @@ EXTRACT_FIELDS = [("blob/path", "O"), ("blob/idx", "<u4"), ("blob/shape", "<u4",
                   ("location/micrograph_path", "O"), ("location/center_x_frac", "<f4")]
 
 
+@pytest.mark.slow
 def test_cryosparc_extract_layout_classifies_like_the_star(project, runs, tmp_path, monkeypatch):
     """An Extract-job style project: *_particles.mrc stacks in micrograph contrast (blob/sign -1),
     the full blob/ctf/location field set, run from the project folder without --data_dir."""
@@ -284,6 +289,7 @@ def test_cryosparc_extract_layout_classifies_like_the_star(project, runs, tmp_pa
         assert np.allclose(ours.data, relion.data, atol=1e-6)  # protein-positive, as the RELION run's
 
 
+@pytest.mark.slow
 def test_relion_wrapper_takes_a_cs(project, tmp_path):
     """The RELION External-job wrapper passes a .cs through; a missing blob fails cleanly, no outputs."""
     from relion_wrapper import external_job

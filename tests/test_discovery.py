@@ -84,6 +84,7 @@ def test_maximum_likelihood_em_never_lowers_the_likelihood(hvr_set):
     assert min(smallest) >= 60, smallest
 
 
+@pytest.mark.slow
 @needs_structures
 def test_default_references_share_one_band_limit_and_keep_every_class(hvr_set):
     ref = refiner_for(hvr_set)                               # ml_common
@@ -101,6 +102,7 @@ def test_default_references_share_one_band_limit_and_keep_every_class(hvr_set):
     assert 0.05 < float(band.mean()) < 1.0
 
 
+@pytest.mark.slow
 @needs_structures
 def test_a_move_undoes_merged_and_split_views(hvr_set):
     # a state with views 0 and 1 merged in one class and view 2 split over two: the move that
@@ -134,6 +136,7 @@ def test_split_keeps_the_priors_finite_and_normalised(hvr_set):
     assert torch.isfinite(moved.refs).all()
 
 
+@pytest.mark.slow
 @needs_structures
 def test_partial_em_on_every_class_is_a_full_em_step(hvr_set):
     ref = refiner_for(hvr_set)
@@ -144,6 +147,7 @@ def test_partial_em_on_every_class_is_a_full_em_step(hvr_set):
     np.testing.assert_allclose(partial.loglik, full.loglik, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 @needs_structures
 def test_small_real_protein_set_classifies_without_merged_views(tmp_path, monkeypatch):
     # 3KPR, 6 views x 100, SNR 0.05, box 48: every view owns one class
@@ -157,6 +161,7 @@ def test_small_real_protein_set_classifies_without_merged_views(tmp_path, monkey
 SMALL_SET_SEED = 7
 
 
+@pytest.mark.slow
 @needs_structures
 def test_imbalanced_real_protein_set_keeps_large_views_whole_and_small_ones_apart(tmp_path, monkeypatch):
     # 3KPR, 6 views of 28-222 particles, SNR 0.05, box 48: with class growing on a 20° grid the
@@ -169,11 +174,12 @@ def test_imbalanced_real_protein_set_keeps_large_views_whole_and_small_ones_apar
     assert scores.accuracy >= 0.95, (scores, sizes)
 
 
-@pytest.mark.parametrize("n_views, n_particles, k", [(4, 160, 20), (2, 12, 12)])
+@pytest.mark.parametrize("n_views, n_particles, k", [pytest.param(4, 160, 20, marks=pytest.mark.slow), (2, 12, 12)])
 def test_k_far_above_the_views_or_equal_to_n_never_crashes(tmp_path, n_views, n_particles, k):
     sim = simulate_dataset(SimulationConfig(n_classes=n_views, n_particles=n_particles, snr=0.05, box_size=32,
                                             pixel_size=5.0, seed=4), tmp_path / "sim")
-    result = run(fast_config(sim.star_path, tmp_path / "out" / "run", n_classes=k, n_rounds=3))
+    result = run(fast_config(sim.star_path, tmp_path / "out" / "run", n_classes=k, n_rounds=3,
+                             threads=1))   # one thread: 2 spin against each other on a busy machine
     averages = mrcfile.read(result.paths["class_averages"])
     images = mrcfile.read(sim.stack_paths[0])
     assert averages.shape[0] == k and np.isfinite(averages).all()

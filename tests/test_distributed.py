@@ -34,6 +34,7 @@ def outputs(prefix):
     return data, averages
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(small_set, tmp_path):
     classify(small_set.star_path, tmp_path / "single" / "run", sys.executable)
     classify(small_set.star_path, tmp_path / "ddp" / "run", sys.executable, "-m", "torch.distributed.run",
@@ -68,6 +69,7 @@ def test_single_process_collectives_are_identity():
     assert comm.gather(rows, 6) is rows
 
 
+@pytest.mark.slow
 def test_drvae_trains_data_parallel_over_two_processes(small_set, tmp_path):
     prefix = tmp_path / "drvae" / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -57,6 +57,7 @@ def test_real_particles_are_untouched_and_junk_is_normalised(pair):
     np.testing.assert_allclose(background.std(axis=1), 1.0, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_same_seed_same_junk_other_seed_other_mix(tmp_path):
     a = simulate_dataset(SimulationConfig(**BASE, seed=4, junk_fraction=0.4), tmp_path / "a")
     b = simulate_dataset(SimulationConfig(**BASE, seed=5, junk_fraction=0.4), tmp_path / "b")
@@ -67,6 +68,7 @@ def test_same_seed_same_junk_other_seed_other_mix(tmp_path):
     assert not mix_a.equals(mix_b)
 
 
+@pytest.mark.slow
 def test_compact_junk_carries_the_ctf(tmp_path):
     sim = simulate_dataset(SimulationConfig(**{**BASE, "snr": 1e6}, seed=6, junk_fraction=0.5), tmp_path)
     truth = pd.read_csv(sim.truth_path)
@@ -116,6 +118,7 @@ def test_cli_junk_flag(tmp_path):
     assert (truth["class"] == 0).sum() == 30 and set(truth["kind"]) - {PARTICLE_KIND} <= set(JUNK_KINDS)
 
 
+@pytest.mark.slow
 def test_junk_set_with_twice_the_views_classifies_without_crashing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sim = simulate_dataset(SimulationConfig(n_classes=5, n_particles=800, box_size=48, pixel_size=4.0, snr=0.03,

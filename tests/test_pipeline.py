@@ -33,12 +33,14 @@ def classified(small_set, tmp_path_factory):
     return small_set, out, result
 
 
+@pytest.mark.slow
 def test_recovers_the_planted_classes(classified):
     sim, out, _ = classified
     data = starfile.read(f"{out}_data.star")["particles"]
     assert adjusted_rand_score(true_labels(sim, data), data["rlnClassNumber"]) >= 0.85
 
 
+@pytest.mark.slow
 def test_data_star_keeps_every_input_column_and_row(classified):
     sim, out, _ = classified
     original = starfile.read(sim.star_path)
@@ -54,6 +56,7 @@ def test_data_star_keeps_every_input_column_and_row(classified):
     assert confidence.between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_model_star_and_stack_describe_every_class(classified):
     sim, out, _ = classified
     model = starfile.read(f"{out}_model.star")["model_classes"]
@@ -66,12 +69,14 @@ def test_model_star_and_stack_describe_every_class(classified):
     assert slices == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_pictures_written(classified):
     _, out, result = classified
     for key in ("classes_png", "convergence_png"):
         assert Path(result.paths[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_class_averages_match_the_true_templates(classified):
     sim, out, _ = classified
     data = starfile.read(f"{out}_data.star")["particles"]
@@ -94,12 +99,14 @@ def _rotate(image: np.ndarray, angle: float) -> np.ndarray:
     return transform_images(tensor, torch.tensor([float(angle)]), torch.zeros(1, 2))[0].numpy()
 
 
+@pytest.mark.slow
 def test_same_seed_same_labels(small_set, tmp_path):
     first = run(fast_config(small_set.star_path, tmp_path / "a" / "run", n_rounds=2))
     second = run(fast_config(small_set.star_path, tmp_path / "b" / "run", n_rounds=2))
     assert np.array_equal(first.result.labels, second.result.labels)
 
 
+@pytest.mark.slow
 def test_continue_resumes_from_the_checkpoint(small_set, tmp_path):
     prefix = tmp_path / "run"
     calls = {"with_checkpoint": 0}
@@ -129,14 +136,78 @@ def test_abort_leaves_no_outputs(small_set, tmp_path):
     assert leftovers == []
 
 
-@pytest.mark.parametrize("options, floor", [(dict(balance=0.0), 0.7), (dict(use_drvae=True), 0.1)])
-def test_unbalanced_and_drvae_start_variants_classify(small_set, tmp_path, options, floor):
-    # the DRVAE start is the paper's step 2; it is measured weaker (docs/method.md), not broken
-    result = run(fast_config(small_set.star_path, tmp_path / "run", **options))
+@pytest.mark.slow
+def test_unbalanced_start_variant_classifies(small_set, tmp_path):
+    result = run(fast_config(small_set.star_path, tmp_path / "run", balance=0.0))
     data = starfile.read(result.paths["data_star"])["particles"]
-    assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= floor
+    assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= 0.7
 
 
+def clean_working_images(sim, plan):
+    """The noise-free particles of ``sim`` (rendered again from its truth) prepared as the run prepared
+    its own (``plan``): what a perfect denoiser would return, up to each particle's affine normalisation."""
+    from cryo_drvae.simulate import build_scene, ctf_from_truth, render_signal
+    truth = pd.read_csv(sim.truth_path)
+    cfg = sim.config
+    signal = render_signal(build_scene(cfg), cfg, truth["class"].to_numpy() - 1, truth["psi_deg"].to_numpy(),
+                           truth[["shift_x_px", "shift_y_px"]].to_numpy(), ctf_from_truth(truth, cfg))
+    return plan.rows(np.ascontiguousarray(signal, dtype=np.float32), np.arange(len(truth)))[0]
+
+
+def correlation(a, b) -> np.ndarray:
+    """Pearson correlation of each image pair (blind to the per-particle scale and offset)."""
+    a, b = (np.asarray(x, np.float64).reshape(len(x), -1) for x in (a, b))
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+
+@pytest.mark.slow
+def test_drvae_start_denoises_what_it_clusters_and_trains_on_pseudo_targets(small_set, tmp_path, monkeypatch):
+    """The DRVAE start (the paper's step 2; measured weaker, docs/method.md) must really denoise: the
+    images BSK-means++ clusters are closer to the noise-free particles than the input is, and the
+    rounds' pseudo targets (class centres at each reliable particle's pose) are closer still. The ARI
+    alone cannot tell: it was the same with ``denoise`` returning its input."""
+    from cryo_drvae import preprocess, train
+    seen: dict = {"pairs": []}
+    rows, denoise, fit = preprocess.Preparation.rows, train.Denoiser.denoise, train.Denoiser.train
+
+    def spy_rows(plan, images, index):
+        seen["plan"] = plan
+        return rows(plan, images, index)
+
+    def spy_denoise(denoiser, inputs, batch_size=1024):
+        out = denoise(denoiser, inputs, batch_size)
+        seen["denoised"] = (inputs.take(np.arange(len(inputs))).clone(), out.clone())
+        return out
+
+    def spy_train(denoiser, pairs, epochs, should_abort=lambda: False):
+        inputs, targets = pairs.__getitems__(list(range(len(pairs))))     # read before the scratch goes
+        seen["pairs"].append((pairs.target_fn is not None, inputs.clone(), targets.clone()))
+        return fit(denoiser, pairs, epochs, should_abort)
+
+    monkeypatch.setattr(preprocess.Preparation, "rows", spy_rows)
+    monkeypatch.setattr(train.Denoiser, "denoise", spy_denoise)
+    monkeypatch.setattr(train.Denoiser, "train", spy_train)
+    result = run(fast_config(small_set.star_path, tmp_path / "run", use_drvae=True, epochs_initial=8,
+                             batch_size=32, learning_rate=3e-3))
+    data = starfile.read(result.paths["data_star"])["particles"]
+    assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= 0.3
+
+    clean = clean_working_images(small_set, seen["plan"])
+    noisy, denoised = seen["denoised"]
+    before, after = np.median(correlation(noisy, clean)), np.median(correlation(denoised, clean))
+    assert after > before + 0.15, (before, after)
+
+    assert len(seen["pairs"]) == 1 + result.n_rounds            # step 1, then one training per round
+    pseudo, inputs, targets = seen["pairs"][-1]
+    assert pseudo
+    moved = (targets - inputs).flatten(1).abs().amax(1).numpy() > 1e-6
+    assert 0.3 < moved.mean() < 0.7                             # the reliable half of each class
+    assert np.median(correlation(targets[moved], clean[moved])) > \
+        np.median(correlation(inputs[moved], clean[moved])) + 0.15
+
+
+@pytest.mark.slow
 def test_preread_images_gives_the_streamed_result(classified, tmp_path):
     sim, out, streamed = classified
     in_ram = run(fast_config(sim.star_path, tmp_path / "run", preread_images=True))
@@ -145,6 +216,7 @@ def test_preread_images_gives_the_streamed_result(classified, tmp_path):
     assert not Path(f"{out}_scratch").exists()      # the streamed run removed its scratch files
 
 
+@pytest.mark.slow
 def test_first_classes_from_a_subset_still_classify_everyone(small_set, tmp_path):
     result = run(fast_config(small_set.star_path, tmp_path / "run", init_particles=120)).result
     data = starfile.read(tmp_path / "run_data.star")["particles"]
@@ -152,6 +224,7 @@ def test_first_classes_from_a_subset_still_classify_everyone(small_set, tmp_path
     assert adjusted_rand_score(true_labels(small_set, data), data["rlnClassNumber"]) >= 0.85
 
 
+@pytest.mark.slow
 def test_rounds_run_are_reported_and_the_first_change_is_measured(classified):
     """The first round's 'changed' is against the first classes' labels (not 100 %), and the
     run reports the rounds it actually ran (RELION's rlnCurrentIteration)."""

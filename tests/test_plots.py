@@ -38,9 +38,31 @@ def test_class_gallery_rejects_mismatched_counts(tmp_path):
         plot_class_gallery(np.zeros((3, 8, 8)), np.array([1, 2]), tmp_path / "x.png")
 
 
+def _curve_pixels(path, n_panels: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows, columns) of the line colour's pixels in each of ``n_panels`` stacked panels."""
+    from matplotlib import colors, image
+    rgb = image.imread(path)[..., :3]
+    line = np.array(colors.to_rgb("C0"))
+    rows, cols = np.nonzero(np.abs(rgb - line).max(axis=2) < 0.05)
+    edges = np.linspace(0, rgb.shape[0], n_panels + 1)
+    return [(rows[(rows >= lo) & (rows < hi)], cols[(rows >= lo) & (rows < hi)])
+            for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def test_convergence_plot(tmp_path):
-    history = [{"round": r, "changed_fraction": 0.5 / r, "loss": 10.0 / r, "note": "x"} for r in range(1, 6)]
-    assert _is_png(plot_convergence(history, tmp_path / "conv.png"))
+    from matplotlib import image
+    falling = [{"round": r, "changed_fraction": 0.5 / r, "loss": 10.0 / r, "note": "x"} for r in range(1, 6)]
+    path = plot_convergence(falling, tmp_path / "conv.png")
+    assert _is_png(path)
+    assert image.imread(path).shape[:2] == (2 * 200, 500)      # 5 x 2 inches per numeric key, 100 dpi
+    for rows, cols in _curve_pixels(path, 2):               # both panels draw a falling curve
+        assert len(rows) > 50
+        assert np.corrcoef(cols, rows)[0, 1] > 0.5            # further right = lower (larger row)
+    rising = [dict(h, changed_fraction=0.1 * h["round"], loss=float(h["round"])) for h in falling]
+    for rows, cols in _curve_pixels(plot_convergence(rising, tmp_path / "up.png"), 2):
+        assert np.corrcoef(cols, rows)[0, 1] < -0.5
+    three = [dict(r, mean_cost=1.0) for r in falling]
+    assert image.imread(plot_convergence(three, tmp_path / "three.png")).shape[:2] == (3 * 200, 500)
     with pytest.raises(ValueError, match="numeric"):
         plot_convergence([], tmp_path / "empty.png")
 

@@ -36,6 +36,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_bars_draw_on_a_terminal_that_reports_no_size(tiny, tmp_path):
     master, slave = pty.openpty()            # a fresh pty has 0 rows and 0 columns, like `script`'s
     proc = subprocess.Popen(_classify(tiny, tmp_path), stdin=slave, stdout=slave, stderr=slave, env=_env(),
@@ -61,6 +62,7 @@ def test_bars_draw_on_a_terminal_that_reports_no_size(tiny, tmp_path):
     assert "aligning:" in text and "%|" in text, text[-2000:]
 
 
+@pytest.mark.slow
 def test_no_bars_when_not_a_terminal(tiny, tmp_path):
     proc = subprocess.run(_classify(tiny, tmp_path), capture_output=True, text=True, env=_env(), cwd=tiny,
                           timeout=300)
@@ -70,12 +72,15 @@ def test_no_bars_when_not_a_terminal(tiny, tmp_path):
 
 
 def test_growth_work_follows_the_split_schedule():
-    work = growth_work(20, rounds_per_split=2, settle_rounds=3)
-    ks, k = [1], 1
-    while k < 20:
-        k += min(splits_per_stage(k), 20 - k)
-        ks.append(k)
-    assert work == [3.0] + [2.0 * k for k in ks[1:]] + [20.0] * 3
+    """Hand-counted schedules (one split at a time up to 15 classes, then k // 8 at once, the last
+    stage capped at K): each stage costs k x its rounds (one more at k = 1), then the settling steps."""
+    assert [splits_per_stage(k) for k in (1, 7, 15, 16, 23, 24, 40)] == [1, 1, 1, 2, 2, 3, 5]
+    stages_20 = list(range(1, 17)) + [18, 20]
+    assert growth_work(20, rounds_per_split=2, settle_rounds=3) == \
+        [3.0] + [2.0 * k for k in stages_20[1:]] + [20.0] * 3
+    stages_50 = list(range(1, 17)) + [18, 20, 22, 24, 27, 30, 33, 37, 41, 46, 50]
+    assert growth_work(50, rounds_per_split=1, settle_rounds=0) == [2.0] + [float(k) for k in stages_50[1:]]
+    assert growth_work(1, rounds_per_split=2, settle_rounds=2) == [3.0, 1.0, 1.0]
 
 
 def test_work_clock_takes_the_pace_of_the_last_step(monkeypatch):

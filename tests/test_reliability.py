@@ -137,6 +137,7 @@ def test_scratch_space_is_checked_before_the_work(tmp_path, monkeypatch):
         RowStore.on_disk(tmp_path / "a.f32", 1000, (32, 32))
 
 
+@pytest.mark.slow
 def test_full_output_disk_leaves_no_partial_set(data, tmp_path, monkeypatch):
     """The data STAR (written last) hits a full disk: one line, exit 1, none of the outputs."""
     from cryo_drvae import star_io
@@ -181,7 +182,8 @@ def normalised_accuracy(source, tmp_path_factory):
     return accuracy(source, prefix)
 
 
-@pytest.mark.parametrize("kind", ["offset", "uint16", "per_image"])
+@pytest.mark.parametrize("kind", ["offset", pytest.param("uint16", marks=pytest.mark.slow),
+                                  pytest.param("per_image", marks=pytest.mark.slow)])
 def test_unnormalised_stacks_classify_like_normalised(kind, data, tmp_path, normalised_accuracy):
     change = {"offset": lambda d, i: d + 5.0,
               "uint16": lambda d, i: np.round(d * 40 + 1000).astype(np.uint16),
@@ -227,6 +229,7 @@ def interrupted(data, tmp_path, monkeypatch):
     return data, prefix
 
 
+@pytest.mark.slow
 def test_checkpoint_is_a_plain_state_dict(interrupted):
     _, prefix = interrupted
     saved = torch.load(f"{prefix}_checkpoint.pt", weights_only=True)
@@ -234,10 +237,10 @@ def test_checkpoint_is_a_plain_state_dict(interrupted):
     assert saved["input"]["n_particles"] == 200 and len(saved["input"]["sha256"]) == 64
 
 
-@pytest.mark.parametrize("extra, named", [(["--seed", "1"], "--seed"), (["--no_ctf"], "--no_ctf"),
-                                          (["--balance", "0.5"], "--balance"),
-                                          (["--psi_step", "15"], "--psi_step"), (["--K", "3"], "--K"),
-                                          (["--particle_diameter", "40"], "--particle_diameter")])
+@pytest.mark.parametrize("extra, named", [(["--seed", "1"], "--seed")] + [   # one in test-fast, all in make test
+    pytest.param(extra, named, marks=pytest.mark.slow) for extra, named in
+    [(["--no_ctf"], "--no_ctf"), (["--balance", "0.5"], "--balance"), (["--psi_step", "15"], "--psi_step"),
+     (["--K", "3"], "--K"), (["--particle_diameter", "40"], "--particle_diameter")]])
 def test_continue_refuses_a_changed_setting(interrupted, extra, named):
     data, prefix = interrupted
     args = ["classify", "--i", str(data / "particles.star"), "--o", str(prefix), "--K", "4", "--iter", "3",
@@ -248,6 +251,7 @@ def test_continue_refuses_a_changed_setting(interrupted, extra, named):
     assert outputs_left(prefix) == [] and Path(f"{prefix}_checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_continue_refuses_another_input(interrupted, other_source):
     _, prefix = interrupted
     result = classify(other_source / "particles.star", prefix, "--iter", "3", "--continue")
@@ -256,6 +260,7 @@ def test_continue_refuses_another_input(interrupted, other_source):
     assert outputs_left(prefix) == []
 
 
+@pytest.mark.slow
 def test_continue_refuses_a_changed_star(interrupted):
     data, prefix = interrupted
     star = data / "particles.star"
@@ -266,6 +271,7 @@ def test_continue_refuses_a_changed_star(interrupted):
     assert result.exit_code == 1 and "has changed since" in last_line(result)
 
 
+@pytest.mark.slow
 def test_continue_with_more_rounds_resumes(interrupted):
     data, prefix = interrupted
     result = classify(data / "particles.star", prefix, "--iter", "4", "--continue")
@@ -276,6 +282,7 @@ def test_continue_with_more_rounds_resumes(interrupted):
 
 # ---- 4. the output prefix ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_existing_outputs_are_refused_unless_overwrite(source, tmp_path):
     prefix = tmp_path / "out" / "run"
     assert classify(source / "particles.star", prefix).exit_code == 0
@@ -290,6 +297,7 @@ def test_existing_outputs_are_refused_unless_overwrite(source, tmp_path):
     assert "seed: 3" in Path(f"{prefix}_config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_not_dropped_without_continue(interrupted):
     data, prefix = interrupted
     result = classify(data / "particles.star", prefix, "--iter", "3")
@@ -315,6 +323,7 @@ def test_second_run_on_a_locked_prefix_is_refused(source, tmp_path):
     assert not Path(f"{prefix}_run.log").exists() and not Path(f"{prefix}_scratch").exists()
 
 
+@pytest.mark.slow
 def test_a_dead_runs_lock_file_does_not_block(source, tmp_path):
     prefix = tmp_path / "out" / "run"
     prefix.parent.mkdir()
@@ -350,6 +359,7 @@ SIGTERM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_checkpoint_and_removes_scratch(data, tmp_path):
     prefix = tmp_path / "out" / "run"
     args = ["classify", "--i", str(data / "particles.star"), "--o", str(prefix), "--K", "4", "--iter", "3",

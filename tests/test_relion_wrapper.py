@@ -16,7 +16,7 @@ from cryo_drvae.config import DIAMETER_FRACTION
 from relion_wrapper import external_job as ej
 
 sys.path.insert(0, str(Path(__file__).parent))
-from relion_helpers import FakePipeline, make_particle_set, relion313_external_argv, run_env  # noqa: E402
+from relion_helpers import FakePipeline, FakeResult, make_particle_set, relion313_external_argv, run_env  # noqa: E402
 
 # What a RELION 3.1.3 pipeline file looks like (written by relion_pipeliner 3.1.3 for an External job).
 PIPELINE_31 = """
@@ -113,7 +113,6 @@ def _argv(parts, job, *extra):
 
 def test_parses_the_command_line_relion_313_builds(project, monkeypatch):
     parts, job = project
-    monkeypatch.setattr(ej, "_device_from_gpu", lambda gpu: "cuda:0,1" if gpu == "0,1" else "cpu")
     argv = relion313_external_argv(
         "relion_cryo_drvae.py", f"{job}/", in_parts=str(parts.star),
         params=[("K", "4"), ("continue", ""), ("", "ignored"), ("iter", "3"), ("gpu", "0,1"),
@@ -145,17 +144,56 @@ def test_relion_style_nr_classes_and_defaults(project):
     assert cfg.output_prefix == f"External/job012/run_it{cfg.cluster.n_rounds:03d}"
 
 
-def test_gpu_without_cuda_falls_back_to_cpu_with_a_warning(monkeypatch, caplog):
+def _cli_device(gpu_args: list[str], tmp_path, monkeypatch) -> str:
+    """The device ``cryo-drvae classify`` builds from ``gpu_args`` (the run itself replaced)."""
+    from click.testing import CliRunner
+    from cryo_drvae import pipeline
+    from cryo_drvae.cli import main
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda cfg: seen.append(cfg) or FakeResult({}))
+    out = tmp_path / f"cli{len(list(tmp_path.iterdir()))}"
+    result = CliRunner().invoke(main, ["classify", "--i", "p.star", "--o", str(out / "run"), *gpu_args])
+    assert result.exit_code == 0, result.output
+    return seen[0].device
+
+
+@pytest.mark.parametrize("gpu_args, device", [([], "cpu"), (["--gpu", "0"], "cuda:0"), (["--gpu", "1,0"], "cuda:1,0"),
+                                              (["--gpu", "0:1"], "cuda:0,1"), (["--gpu", ""], "cuda:0")])
+def test_gpu_is_read_as_classify_reads_it(project, tmp_path, monkeypatch, gpu_args, device):
+    """One parser: whether CUDA is there plays no part in reading --gpu (no silent CPU fallback)."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert ej._device_from_gpu("0") == "cpu"
-    assert "no CUDA device" in caplog.text
+    parts, job = project
+    args, _ = ej.build_parser().parse_known_args(_argv(parts, job, *gpu_args))
+    assert ej.config_from_args(args).device == device == _cli_device(gpu_args, tmp_path, monkeypatch)
+    args, _ = ej.build_parser().parse_known_args(_argv(parts, job, "--gpu"))     # a bare flag: GPU 0
+    assert ej.config_from_args(args).device == "cuda:0"
+    with pytest.raises(ej.ConfigError, match="device numbers"):
+        ej.config_from_args(ej.build_parser().parse_known_args(_argv(parts, job, "--gpu", "a"))[0])
+
+
+def test_gpu_without_cuda_fails_the_job_as_it_fails_classify(project, logs, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+    from cryo_drvae.cli import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parts, job = project
+    rc = ej.run_job(_argv(parts, job, "--K", "3", "--gpu", "0"))            # the real pipeline
+    err = logs.readouterr().err
+    assert rc == ej.RC_FAILURE and (job / ej.EXIT_FAILURE).exists() and not (job / ej.EXIT_SUCCESS).exists()
+    assert "CUDA is not available" in err and "Traceback" not in err
+    cli = CliRunner().invoke(main, ["classify", "--i", str(parts.star), "--o", "Class2D/run", "--K", "3",
+                                    "--gpu", "0"])
+    assert cli.exit_code == 1 and "CUDA is not available" in cli.output
+
+
+def test_a_gpu_id_beyond_the_visible_ones_is_a_config_error(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from cryo_drvae.pipeline import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert ej._device_from_gpu("1,0") == "cuda:1,0"
-    assert ej._device_from_gpu(ej._BARE) == "cuda:0"
-    with pytest.raises(ej.ConfigError, match="device 3"):
-        ej._device_from_gpu("3")
+    with pytest.raises(ej.ConfigError, match="device 3 requested but only 2"):
+        resolve_device("cuda:0,3")
 
 
 @pytest.mark.parametrize("text,version", [(PIPELINE_31, 3), (PIPELINE_40, 4), (PIPELINE_50, 5), ("data_\n", None)])
@@ -220,6 +258,29 @@ def test_current_iteration_is_the_rounds_actually_run(project, logs):
     assert opt["rlnCurrentIteration"] == 2 and opt["rlnNumberOfIterations"] == 5
 
 
+@pytest.mark.slow
+def test_current_iteration_is_what_the_real_run_reports(project, logs):
+    """The real pipeline, converged before --iter: rlnCurrentIteration is its RunResult.n_rounds."""
+    from cryo_drvae import pipeline
+    from cryo_drvae.simulate import SimulationConfig, simulate_dataset
+    _, job = project
+    sim = simulate_dataset(SimulationConfig(n_classes=2, n_particles=40, snr=0.5, box_size=32, pixel_size=5.0,
+                                            seed=5), "Extract/job004", project_dir=".")
+    results = []
+
+    def real_run(cfg, should_abort):
+        results.append(pipeline.run(cfg, should_abort))
+        return results[-1]
+
+    argv = ["--o", f"{job}/", "--in_parts", str(sim.star_path), "--j", "1", "--K", "2", "--iter", "6",
+            "--psi_step", "30", "--tolerance", "0.5"]
+    rc = ej.run_job(argv, pipeline_run=real_run)
+    assert rc == 0, logs.readouterr().err
+    opt = starfile.read(job / "run_it006_optimiser.star")
+    assert 1 <= results[0].n_rounds < 6, results[0].result.history        # converged before --iter
+    assert opt["rlnCurrentIteration"] == results[0].n_rounds and opt["rlnNumberOfIterations"] == 6
+
+
 def test_relion_class2d_flags_follow_the_shared_policy(project, logs):
     """RELION names with a meaning here are used; the other relion_refine flags are warned about."""
     parts, job = project
@@ -249,6 +310,7 @@ def test_unknown_arguments_warn_but_do_not_fail(project, logs):
 
 # ---- failure ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_missing_input_star_fails_with_one_line_naming_the_file(project):
     parts, job = project
     (job / ej.EXIT_SUCCESS).touch()                          # stale

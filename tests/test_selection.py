@@ -239,3 +239,17 @@ def test_relion_autopick_takes_the_kept_class_averages_as_references(runs):
     assert "Initialising FFTs for the references" in proc.stdout, proc.stdout + proc.stderr
     maps = sorted((project / "AutoPick/job016/Micrographs").glob("mic1_autopick_ref*_bestCCF.spi"))
     assert len(maps) == 3, proc.stdout + proc.stderr
+
+
+def test_the_score_mask_defaults_to_the_classify_diameter():
+    """One default particle diameter (config.DIAMETER_FRACTION of the box) for classify, the
+    External job's rlnParticleDiameter and the class score's mask."""
+    from cryo_drvae.config import DIAMETER_FRACTION
+    from cryo_drvae.scoring import class_features
+    box = 40
+    y, x = np.mgrid[:box, :box] - box // 2
+    averages = np.stack([np.exp(-(x ** 2 + y ** 2) / (2 * s ** 2)) for s in (4.0, 6.0, 8.0)])
+    args = (averages, np.array([10, 10, 10]), np.array([20.0, 20.0, 20.0]), 3.0, np.full(3, 0.9))
+    default = class_features(*args)
+    pd.testing.assert_frame_equal(default, class_features(*args, diameter_px=DIAMETER_FRACTION * box))
+    assert not default.equals(class_features(*args, diameter_px=0.75 * box))

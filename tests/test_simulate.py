@@ -216,3 +216,24 @@ def test_pdb_mode_projects_the_model_with_jitter(tmp_path):
 def test_missing_model_is_one_clear_error(tmp_path):
     with pytest.raises(InputFileError, match="atomic model not found"):
         SimulationConfig(pdb_files=(str(tmp_path / "nope.pdb"),))
+
+
+@pytest.mark.slow
+def test_simulate_runs_under_python_OO(tmp_path):
+    """``-OO`` strips docstrings: the conventions text written beside truth.csv must not come from one."""
+    import os
+    import subprocess
+    import sys
+
+    from cryo_drvae.simulate import GEOMETRY_CONVENTIONS
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-OO", "-m", "cryo_drvae", "simulate"]
+    shown = subprocess.run(command + ["--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--snr" in shown.stdout, shown.stderr
+    done = subprocess.run(command + ["--o", str(tmp_path / "sim"), "--K", "2", "--n", "6", "--box", "32"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "sim" / "truth_conventions.txt").read_text()
+    assert written == GEOMETRY_CONVENTIONS and written.startswith("Geometry conventions")
+    assert "rlnOriginX = -shift_x_px" in written
