@@ -1,0 +1,82 @@
+"""Junk and selection on a simulated set: what a person keeping mostly-good classes gets, and what
+``cryo-drvae select`` keeps, as precision and recall of the good particles.
+
+    python bench/junk_select.py --sim SIMDIR --run RUN_PREFIX [--select SELECTDIR] [--label TEXT]
+
+``SIMDIR`` is a ``cryo-drvae simulate --junk F`` folder (truth class 0 = junk), ``RUN_PREFIX`` a
+``classify`` output prefix, ``SELECTDIR`` a ``cryo-drvae select`` output folder. Prints one
+markdown row; ``--header`` prints the header first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cryo_drvae.evaluate import normalise_image_name  # noqa: E402
+from cryo_drvae.star_io import read_particles  # noqa: E402
+
+HEADER = ("| set | K | good / junk picks | person keeping >= 50 %-good classes: precision / recall | "
+          "views owning a class | `select` default: precision / recall | classes kept |\n|---|---|---|---|---|---|---|")
+
+
+def truth_classes(sim: Path, names: pd.Series) -> np.ndarray:
+    """True class per particle image name (0 = junk)."""
+    truth = pd.read_csv(sim / "truth.csv")
+    lookup = dict(zip(truth["image_name"].map(normalise_image_name), truth["class"]))
+    return np.array([lookup[normalise_image_name(n)] for n in names])
+
+
+def precision_recall(kept_truth: np.ndarray, n_good: int) -> tuple[float, float]:
+    good = int((kept_truth > 0).sum())
+    return (good / len(kept_truth) if len(kept_truth) else 0.0), good / max(n_good, 1)
+
+
+def person_choice(truth: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Particles a person keeps when keeping every class that is at least half good, and how many
+    real views are the majority of some class."""
+    kept = np.zeros(len(truth), bool)
+    owned = set()
+    for c in np.unique(labels):
+        members = truth[labels == c]
+        if (members > 0).mean() >= 0.5:
+            kept |= labels == c
+            owned.add(int(np.bincount(members).argmax()))
+    owned.discard(0)
+    return kept, len(owned)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--sim", type=Path, required=True)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--select", type=Path)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--header", action="store_true")
+    args = parser.parse_args(argv)
+    data = read_particles(Path(f"{args.run}_data.star")).particles
+    truth = truth_classes(args.sim, data["rlnImageName"])
+    labels = data["rlnClassNumber"].to_numpy()
+    n_good, n_views = int((truth > 0).sum()), len(np.unique(truth[truth > 0]))
+    kept, owned = person_choice(truth, labels)
+    person = precision_recall(truth[kept], n_good)
+    chosen = "not run"
+    if args.select:
+        selected = read_particles(args.select / "particles.star").particles
+        auto = precision_recall(truth_classes(args.sim, selected["rlnImageName"]), n_good)
+        n_kept = len(np.unique(selected["rlnClassNumber"]))
+        chosen = f"{auto[0]:.3f} / {auto[1]:.3f} | {n_kept}"
+    if args.header:
+        print(HEADER)
+    print(f"| {args.label or args.sim.name} | {len(np.unique(labels))} | {n_good} / {len(truth) - n_good} | "
+          f"{person[0]:.3f} / {person[1]:.3f} | {owned} of {n_views} | {chosen} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
