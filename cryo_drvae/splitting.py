@@ -166,15 +166,19 @@ class SplitCandidate:
     side: NDArray                # (m,) bool: which half each member goes to
 
 
+def effective_dimension(box: int, radius: float, shell: float) -> int:
+    """Dimensions of masked images low-passed to ``shell``: the Fourier components inside the
+    shell times the share of the box the mask covers."""
+    f = np.fft.fftfreq(box) * box
+    inside = float((np.hypot(f[:, None], f[None, :]) <= shell).sum())
+    return int(inside * min(1.0, np.pi * radius ** 2 / box ** 2))
+
+
 def split_candidates(ref: Refiner, state: EMState, split_shell: float) -> list[SplitCandidate]:
     """Every class with enough members, scored for a split, most heterogeneous first."""
     k = state.refs.shape[0]
     labels = posterior(state.loglik, state.log_prior).argmax(1)
-    box = ref.ws.box_size
-    f = np.fft.fftfreq(box) * box
-    inside = float((np.hypot(f[:, None], f[None, :]) <= split_shell).sum())
-    mask_frac = np.pi * ref.ws.particle_radius ** 2 / box ** 2
-    d_eff = int(inside * min(1.0, mask_frac))
+    d_eff = effective_dimension(ref.ws.box_size, ref.ws.particle_radius, split_shell)
     sizes = np.bincount(labels, minlength=k)
     smallest = min(20, int(sizes.max()))          # fall back to the largest class if all are tiny
     candidates = []

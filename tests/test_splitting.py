@@ -10,17 +10,19 @@ from cryo_drvae.config import ClusterConfig
 from cryo_drvae.ctf import CtfParams, ctf_images
 from cryo_drvae.preprocess import Preparation, WorkingSet, alignment_mask, shell_index, shell_mean
 from cryo_drvae.refine import Refiner, lowpass
-from cryo_drvae.splitting import aligned_members, member_residuals, split_score
+from cryo_drvae.splitting import aligned_members, effective_dimension, member_residuals, split_score
 from cryo_drvae.store import RowStore
 
 BOX, PIXEL, NOISE_VAR = 32, 6.0, 0.25
 RADIUS = 10.0
 
 
-def effective_dimension(shell: float) -> int:
-    f = np.fft.fftfreq(BOX) * BOX
-    inside = float((np.hypot(f[:, None], f[None, :]) <= shell).sum())
-    return int(inside * min(1.0, np.pi * RADIUS ** 2 / BOX ** 2))
+def test_effective_dimension_counts_the_components_inside_the_shell_and_the_mask():
+    # shell 1 holds the DC and the 4 nearest components (5); a mask covering a quarter keeps 1
+    assert effective_dimension(32, 32.0, 1.0) == 5
+    assert effective_dimension(32, 16 / np.sqrt(np.pi), 1.0) == 1
+    # shell 2: 13 components (|k| <= 2 on the integer grid)
+    assert effective_dimension(64, 64.0, 2.0) == 13
 
 
 def blob_image(centres: list[tuple[float, float, float]]) -> torch.Tensor:
@@ -37,7 +39,7 @@ def test_pure_noise_scores_below_the_edge_at_any_class_size():
     gen = torch.Generator().manual_seed(0)
     for m in (100, 300, 600):
         x = lowpass(torch.randn(m, BOX, BOX, generator=gen) * NOISE_VAR ** 0.5, 16)[:, mask]
-        score, _ = split_score(x, NOISE_VAR, effective_dimension(16))
+        score, _ = split_score(x, NOISE_VAR, effective_dimension(BOX, RADIUS, 16))
         assert score < 20, (m, score)
 
 
@@ -73,7 +75,7 @@ def test_defocus_and_amplitude_are_not_heterogeneity_but_a_second_structure_is()
     pose = rng.integers(grid.n_poses, size=n)
     scale = rng.uniform(0.8, 1.2, n)
     members = np.arange(n)
-    d_eff = effective_dimension(BOX // 2)
+    d_eff = effective_dimension(BOX, RADIUS, BOX // 2)
 
     one = working_set([first], np.zeros(n, dtype=int), pose, grid, scale, rng)
     ref = Refiner(one, ClusterConfig(n_classes=2, psi_step=20.0), torch.device("cpu"))
