@@ -294,17 +294,27 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
 
 
 def settle(ref: Refiner, state: EMState, shell: float, max_steps: int, tolerance: float) -> EMState:
-    """EM steps until fewer than ``tolerance`` of the labels change (at most ``max_steps``)."""
+    """EM steps until fewer than ``tolerance`` of the labels change (at most ``max_steps``).
+
+    Returns the references met on the way with the highest likelihood, with their own E-step:
+    with one band limit re-chosen at every step, EM can lower the likelihood (measured on 1HVR:
+    5 steps from a good split went 145,601 -> 144,414 while large classes re-absorbed it).
+    """
     labels = posterior(state.loglik, state.log_prior).argmax(1)
+    best, best_value = state, -np.inf
     for step in range(max_steps):
-        state = ref.em_step(state.refs, state.log_prior, shell, floor=0.0)
-        new = posterior(state.loglik, state.log_prior).argmax(1)
+        stepped = ref.em_step(state.refs, state.log_prior, shell, floor=0.0)
+        scored = EMState(state.refs, state.log_prior, stepped.loglik, stepped.best_pose)
+        value = total_log_likelihood(scored)
+        if value > best_value:
+            best, best_value = scored, value
+        new = posterior(stepped.loglik, state.log_prior).argmax(1)
         changed = float(np.mean(new != labels))
-        labels = new
+        labels, state = new, stepped
         logger.info("settling EM step %d: %.1f%% of labels changed", step + 1, 100 * changed)
         if changed < tolerance:
             break
-    return state
+    return best
 
 
 def deletion_costs(state: EMState) -> NDArray:
@@ -356,7 +366,9 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
             rejected.clear()
             scored = split_candidates(ref, state, split_shell)
         else:
-            rejected.add((slot, candidate.index))
+            # the same split into a class that costs more to give up cannot do better
+            costs = deletion_costs(state)
+            rejected.update((s, candidate.index) for s in range(k) if costs[s] >= costs[slot])
             failures += 1
         if should_abort():
             raise AbortRequested("abort requested during split-and-merge moves")
