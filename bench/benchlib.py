@@ -101,7 +101,11 @@ def _protein(name: str, snr: float, seed: int, n_particles: int = 2000, **extra:
 
 
 def _protein_sets() -> list[BenchSet]:
-    """Each family at ``PROTEIN_SEEDS`` (simulated data and run seed both vary): mean and worst."""
+    """Each family at ``PROTEIN_SEEDS`` (simulated data and run seed both vary): mean and worst.
+    None without the atomic models of ``../shared`` (the pixel size is read from them)."""
+    if not all((STRUCTURES / f).exists() for files in PROTEINS.values() for f in files):
+        logger.warning("%s: atomic models not found; the real-protein sets are left out", STRUCTURES)
+        return []
     families = {
         "kpr-0.05": dict(name="kpr", snr=0.05), "kpr-0.02": dict(name="kpr", snr=0.02),
         "kpr-0.01": dict(name="kpr", snr=0.01, n_particles=3000),
