@@ -297,8 +297,9 @@ def settle(ref: Refiner, state: EMState, shell: float, max_steps: int, tolerance
     """EM steps until fewer than ``tolerance`` of the labels change (at most ``max_steps``).
 
     Returns the references met on the way with the highest likelihood, with their own E-step:
-    with one band limit re-chosen at every step, EM can lower the likelihood (measured on 1HVR:
-    5 steps from a good split went 145,601 -> 144,414 while large classes re-absorbed it).
+    with the common band limit of ``ml_common`` references EM can lower the likelihood (measured on
+    1HVR: 5 steps from a good split went 145,601 -> 144,414 while large classes re-absorbed it, with
+    the band held fixed too).
     """
     labels = posterior(state.loglik, state.log_prior).argmax(1)
     best, best_value = state, -np.inf
