@@ -30,6 +30,7 @@ from .progress import bar as tqdm
 logger = logging.getLogger(__name__)
 
 ML_REGULARISATION = 1e-2   # x noise variance, added to the summed CTF^2 of a class's references
+EXP_FLOOR = -80.0          # pose log-ratios below this are exp'ed as this (1.8e-35, no float32 underflow)
 
 
 @dataclass
@@ -233,7 +234,9 @@ class Refiner:
             # more than the matrix product itself on a CPU
             scores = pose_scores(chunk, templates)
             best, arg = scores.max(dim=2)
-            spread = scores.sub_(best.unsqueeze(2)).exp_()                   # exp(score - best)
+            # exp(score - best), clamped at EXP_FLOOR: float32 exp is many times slower on results
+            # that underflow (most poses once classes are sharp), and exp(-80) adds nothing
+            spread = scores.sub_(best.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
             within = spread.sum(2)
             class_ll = best + within.log() + offset                          # (c, K), poses marginalised
             if soft_statistics:
