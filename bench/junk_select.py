@@ -15,21 +15,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cryo_drvae.evaluate import normalise_image_name  # noqa: E402
+from cryo_drvae.evaluate import true_classes  # noqa: E402
 from cryo_drvae.star_io import read_particles  # noqa: E402
 
 HEADER = ("| set | K | good / junk picks | person keeping >= 50 %-good classes: precision / recall | "
           "views owning a class | `select` default: precision / recall | classes kept |\n|---|---|---|---|---|---|---|")
-
-
-def truth_classes(sim: Path, names: pd.Series) -> np.ndarray:
-    """True class per particle image name (0 = junk)."""
-    truth = pd.read_csv(sim / "truth.csv")
-    lookup = dict(zip(truth["image_name"].map(normalise_image_name), truth["class"]))
-    return np.array([lookup[normalise_image_name(n)] for n in names])
 
 
 def precision_recall(kept_truth: np.ndarray, n_good: int) -> tuple[float, float]:
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--header", action="store_true")
     args = parser.parse_args(argv)
     data = read_particles(Path(f"{args.run}_data.star")).particles
-    truth = truth_classes(args.sim, data["rlnImageName"])
+    truth = true_classes(args.sim / "truth.csv", data["rlnImageName"])
     labels = data["rlnClassNumber"].to_numpy()
     n_good, n_views = int((truth > 0).sum()), len(np.unique(truth[truth > 0]))
     kept, owned = person_choice(truth, labels)
@@ -68,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = "not run"
     if args.select:
         selected = read_particles(args.select / "particles.star").particles
-        auto = precision_recall(truth_classes(args.sim, selected["rlnImageName"]), n_good)
+        auto = precision_recall(true_classes(args.sim / "truth.csv", selected["rlnImageName"]), n_good)
         n_kept = len(np.unique(selected["rlnClassNumber"]))
         chosen = f"{auto[0]:.3f} / {auto[1]:.3f} | {n_kept}"
     if args.header:

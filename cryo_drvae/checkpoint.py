@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig, flag
-from .errors import ConfigError, InputFileError, OutputError
+from .errors import ConfigError, InputFileError
 
 FORMAT = 2
 #: Config fields that do not change the result, so a resumed run may change them.

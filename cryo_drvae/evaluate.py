@@ -163,6 +163,23 @@ def evaluate_run(truth_csv: str | os.PathLike, data_star: str | os.PathLike) -> 
     return scores
 
 
+def true_classes(truth_csv: str | os.PathLike, image_names: pd.Series) -> np.ndarray:
+    """The simulator's class of each image name (0 = junk), matched as :func:`evaluate_run` does.
+
+    Raises
+    ------
+    InputFileError
+        If the truth file is missing or lacks one of the images.
+    """
+    truth = _read_truth(truth_csv)
+    classes = pd.Series(truth["class"].to_numpy(), index=_unique_keys(truth["image_name"], truth_csv))
+    keys = pd.Index(image_names.map(normalise_image_name))
+    missing = keys.difference(classes.index, sort=False).tolist()
+    if missing:
+        raise InputFileError(_missing_message(truth_csv, "the particles given", missing))
+    return classes.reindex(keys).to_numpy()
+
+
 def format_scores(scores: Scores) -> str:
     """One line: ``accuracy 0.973  NMI 0.941  ARI 0.935  (2000 particles, 10 classes)``."""
     classes = f"{scores.n_true_classes} classes"

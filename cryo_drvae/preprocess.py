@@ -156,6 +156,24 @@ def fourier_crop(images: torch.Tensor, working_box: int) -> torch.Tensor:
     return rows[:, :, :half + 1] * (working_box / box)
 
 
+def band_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(n, B, B)`` real images on a ``size`` box with the same low frequencies, unitary (unlike
+    :func:`fourier_crop`'s values-keeping factor): energies and eigenvalues are kept."""
+    box = images.shape[-1]
+    if size == box:
+        return images
+    return torch.fft.irfft2(fourier_crop(images, size) * (box / size), s=(size, size), norm="ortho")
+
+
+def crop_spectrum(full: torch.Tensor, size: int) -> torch.Tensor:
+    """``(n, B, B)`` values on the unshifted full FFT grid -> the same frequencies on a ``size`` grid."""
+    box = full.shape[-1]
+    if size == box:
+        return full
+    keep = torch.from_numpy(np.r_[0:size // 2, box - size // 2:box])
+    return full[:, keep][:, :, keep]
+
+
 def shell_sum(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
     """Sum of ``(n, H, W')`` values per integer Fourier shell (shells above the last clamped)."""
     flat = values.reshape(values.shape[0], -1)

@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from .alignment import circular_mask, transform_images
 from .errors import AbortRequested
 from .progress import WorkClock, format_seconds
+from .preprocess import band_crop, crop_spectrum
 from .refine import EMState, Refiner, lowpass, posterior, total_log_likelihood
 
 logger = logging.getLogger(__name__)
@@ -39,27 +40,6 @@ def analysis_box(box: int, max_shell: float) -> int:
     """The smallest even box that holds shells up to ``max_shell`` with a margin for the bilinear
     resampling (at most ``box``): the split analysis is band-limited, so it runs there."""
     return int(min(box, 2 * int(np.ceil(1.25 * max_shell)) + 2))
-
-
-def band_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``(n, W, W)`` real images on a ``size`` box with the same low frequencies (unitary: the
-    energy, hence every eigenvalue of the split analysis, is kept)."""
-    box = images.shape[-1]
-    if size == box:
-        return images
-    half = size // 2
-    spectrum = torch.fft.rfft2(images, norm="ortho")
-    spectrum = torch.cat([spectrum[:, :half], spectrum[:, box - half:]], dim=1)[:, :, :half + 1]
-    return torch.fft.irfft2(spectrum, s=(size, size), norm="ortho")
-
-
-def crop_spectrum(full: torch.Tensor, size: int) -> torch.Tensor:
-    """``(n, W, W)`` values on the unshifted full FFT grid -> the same frequencies on a ``size`` grid."""
-    box = full.shape[-1]
-    if size == box:
-        return full
-    keep = torch.from_numpy(np.r_[0:size // 2, box - size // 2:box])
-    return full[:, keep][:, :, keep]
 
 
 def aligned_members(ref: Refiner, members: NDArray, pose: NDArray, max_shell: float) -> torch.Tensor:
@@ -347,9 +327,9 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
     best = total_log_likelihood(state)
     rejected: set[tuple[int, int]] = set()
     trials = failures = 0
-    scored = split_candidates(ref, state, split_shell)
+    scored, costs = split_candidates(ref, state, split_shell), deletion_costs(state)
     while trials < max_trials and failures < patience:
-        move = next_move(ref, state, scored, rejected)
+        move = next_move(ref, costs, scored, rejected)
         if move is None:
             break
         slot, candidate = move
@@ -365,10 +345,9 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
         if kept:
             state, best, failures = proposal, value, 0
             rejected.clear()
-            scored = split_candidates(ref, state, split_shell)
+            scored, costs = split_candidates(ref, state, split_shell), deletion_costs(state)
         else:
             # the same split into a class that costs more to give up cannot do better
-            costs = deletion_costs(state)
             rejected.update((s, candidate.index) for s in range(k) if costs[s] >= costs[slot])
             failures += 1
         if should_abort():
@@ -376,11 +355,10 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
     return state
 
 
-def next_move(ref: Refiner, state: EMState, scored: list[SplitCandidate], rejected: set[tuple[int, int]],
+def next_move(ref: Refiner, costs: NDArray, scored: list[SplitCandidate], rejected: set[tuple[int, int]],
               width: int = 3) -> tuple[int, SplitCandidate] | None:
     """The untried (slot, split) pair with the largest predicted gain among the ``width`` best of each
-    (``scored``: :func:`split_candidates` of ``state``)."""
-    costs = deletion_costs(state)
+    (``scored``: :func:`split_candidates`, ``costs``: :func:`deletion_costs` of the same state)."""
     # the most heterogeneous classes, and the largest (at low SNR two merged views may not
     # stand out of the noise edge, but their class is about twice the size)
     by_size = sorted(scored, key=lambda c: -len(c.members))

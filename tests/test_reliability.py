@@ -12,11 +12,9 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import mrcfile
@@ -387,6 +385,7 @@ def test_sigterm_keeps_the_checkpoint_and_removes_scratch(data, tmp_path):
     assert "interrupted by SIGTERM" in Path(f"{prefix}_run.log").read_text()
     resumed = classify(data / "particles.star", prefix, "--iter", "3", "--continue")
     assert resumed.exit_code == 0, resumed.output
+    assert "resuming after round 1" in Path(f"{prefix}_run.log").read_text()
     assert labels(prefix) == uninterrupted_labels(data, tmp_path, "--iter", "3")
 
 
