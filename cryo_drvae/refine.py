@@ -179,9 +179,7 @@ class Refiner:
     def references(self, stats: Statistics) -> torch.Tensor:
         """Wiener-filtered, solvent-masked class references ``(K, W, W)`` from statistics."""
         box = self.ws.box_size
-        numerator = self.op.adjoint(stats.pose_sums.to(self.device)).cpu()
-        numerator = numerator / self.coverage.cpu().clamp(min=0.3) * (self.coverage.cpu() > 0.05)
-        spectrum = torch.fft.rfft2(numerator, norm="ortho")                 # (K, W, W/2+1)
+        spectrum = self.aligned_spectrum(stats)                             # (K, W, W/2+1)
         ctf2 = stats.ctf2_sums[:, self.shells]                              # (K, W, W/2+1)
         if self.cfg.reference_filter == "wiener":
             filtered, _ = wiener_filter(spectrum, ctf2, self.ws.noise_var, self.shells)
@@ -194,6 +192,13 @@ class Refiner:
         refs = torch.fft.irfft2(filtered, s=(box, box), norm="ortho") * self.solvent_mask
         refs[stats.weights <= 0] = 0.0
         return refs
+
+    def aligned_spectrum(self, stats: Statistics) -> torch.Tensor:
+        """Spectrum of the members' sums brought into the reference frame by the exact adjoint of
+        the pose operator; not divided by the poses' coverage, so that the references maximise the
+        E-step's own likelihood (with that division EM lowered it step after step: docs/method.md)."""
+        numerator = self.op.adjoint(stats.pose_sums.to(self.device)).cpu()
+        return torch.fft.rfft2(numerator, norm="ortho")
 
     def common_band(self, spectrum: torch.Tensor, ctf2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One resolution limit for every class: the shells where the classes' mean SSNR is >= 1
