@@ -276,10 +276,9 @@ def grow_classes(ref: Refiner, n_classes: int, rounds_per_split: int = 2, shell_
 def settle(ref: Refiner, state: EMState, shell: float, max_steps: int, tolerance: float) -> EMState:
     """EM steps until fewer than ``tolerance`` of the labels change (at most ``max_steps``).
 
-    Returns the references met on the way with the highest likelihood, with their own E-step:
-    with the common band limit of ``ml_common`` references EM can lower the likelihood (measured on
-    1HVR: 5 steps from a good split went 145,601 -> 144,414 while large classes re-absorbed it, with
-    the band held fixed too).
+    Returns the references met on the way with the highest likelihood, with their own E-step (a
+    guard: with references that are not the exact M-step, such as a re-chosen common band limit, EM
+    need not raise the likelihood).
     """
     labels = posterior(state.loglik, state.log_prior).argmax(1)
     best, best_value = state, -np.inf
