@@ -33,7 +33,7 @@ from .guard import claim_prefix
 from .io_utils import atomic_path, staged_outputs
 from .outputs import ClassificationResult, write_run_outputs
 from .preprocess import Preparation, WorkingSet, choose_working_box, plan_preparation, prepare_working_set
-from .refine import Assignment, Refiner, posterior
+from .refine import Assignment, Refiner, floored_log_prior, posterior
 from .splitting import grow_classes
 from .stack import ParticleStack
 from .star_io import ParticleTable, pixel_sizes
@@ -276,7 +276,9 @@ def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConf
         # into copies turned by half a step (measured: docs/method.md)
         grown = grow_classes(Refiner(init_ws, cfg.cluster, device), k, split_merge=cfg.cluster.split_merge,
                              should_abort=abort)
-        references, log_prior = grown.refs, floored_log_prior(grown.log_prior, cfg.cluster.balance)
+        # class growing lets a prior reach 0 (an empty class), whose -inf cost the balanced assignment cannot use
+        references = grown.refs
+        log_prior = floored_log_prior(np.exp(grown.log_prior), max(cfg.cluster.balance, 1e-3) / k)
         labels = posterior(grown.loglik, grown.log_prior).argmax(1)
     references = comm.broadcast(references.contiguous())
     log_prior = comm.broadcast(torch.from_numpy(np.asarray(log_prior, np.float64))).numpy()
@@ -320,15 +322,6 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
             logger.info("converged: fewer than %.2f%% of labels changed", 100 * cfg.cluster.tolerance)
             break
     return state
-
-
-def floored_log_prior(log_prior: NDArray, balance: float) -> NDArray:
-    """Class log-priors with every class >= max(balance, 0.001) / K, as the rounds keep them: class
-    growing lets a prior reach 0 (an empty class on a handful of particles), whose -inf cost the
-    balanced assignment cannot use."""
-    k = len(log_prior)
-    prior = np.maximum(np.exp(np.asarray(log_prior, np.float64)), max(balance, 1e-3) / k)
-    return np.log(prior / prior.sum())
 
 
 def spread_labels(start: Assignment, rows: NDArray, n_total: int) -> Assignment:

@@ -219,3 +219,7 @@ def test_class_priors_stay_finite_when_a_class_is_empty():
     log_prior = floored_log_prior(shares, 0.0)
     assert np.isfinite(log_prior).all() and np.isclose(np.exp(log_prior).sum(), 1.0)
     assert log_prior[1] < log_prior[0] - 10
+    # the floor the rounds start from after class growing (which can empty a class: its -inf cost
+    # made the balanced assignment raise 'cost contains NaN or infinite values')
+    floored = np.exp(floored_log_prior(np.array([1.0, 0.0, 0.0]), 0.2 / 3))
+    assert np.isclose(floored.sum(), 1.0) and floored.min() >= 0.2 / 3 / 1.2 - 1e-9
