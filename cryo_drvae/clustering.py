@@ -443,7 +443,7 @@ class _ExactRepair:
 # ---------------------------------------------------------------------------------------------
 # K-means++ seeding
 # ---------------------------------------------------------------------------------------------
-def _kmeanspp_indices(
+def kmeans_plusplus_indices(
     sq_dist_rows: Callable[[NDArray[np.intp]], NDArray],
     n_samples: int,
     n_clusters: int,
@@ -451,7 +451,9 @@ def _kmeanspp_indices(
     sample_weight: NDArray[np.float64] | None,
     n_local_trials: int | None,
 ) -> NDArray[np.intp]:
-    """Greedy K-means++ (D^2 sampling, best of several candidates per step, as in sklearn)."""
+    """Greedy K-means++ (D^2 sampling, best of several candidates per step, as in sklearn): the one
+    seeding of the package. ``sq_dist_rows(idx)`` returns the squared distances ``(len(idx), n_samples)``
+    from the samples ``idx`` to every sample (any distance: Euclidean, or minimised over poses)."""
     if n_clusters > n_samples:
         raise ValueError(f"need at least n_clusters={n_clusters} samples, got {n_samples}")
     w = np.ones(n_samples) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
@@ -507,7 +509,7 @@ def kmeans_plusplus_init(
         return _sq_distances(X, X[idx], sq_norms).T
 
     weights = None if sample_weight is None else _check_sample_weight(sample_weight, X)
-    idx = _kmeanspp_indices(rows, X.shape[0], n_clusters, rng, weights, n_local_trials)
+    idx = kmeans_plusplus_indices(rows, X.shape[0], n_clusters, rng, weights, n_local_trials)
     return X[idx].copy()
 
 
@@ -549,7 +551,7 @@ def kmeans_plusplus_from_distance(
         return out
 
     weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    return _kmeanspp_indices(rows, n_samples, n_clusters, rng, weights, n_local_trials)
+    return kmeans_plusplus_indices(rows, n_samples, n_clusters, rng, weights, n_local_trials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,7 +701,7 @@ class BalancedKMeans(ClusterMixin, BaseEstimator):
         best: tuple | None = None
         for run in range(self.n_init):
             rows = lambda idx: _sq_distances(X, X[idx], x_sq_norms).T  # noqa: E731
-            seeds = _kmeanspp_indices(rows, n, self.n_clusters, rng, None if uniform else weights, None)
+            seeds = kmeans_plusplus_indices(rows, n, self.n_clusters, rng, None if uniform else weights, None)
             result = self._lloyd(X, weights, x_sq_norms, X[seeds].astype(np.float64), min_size, max_size, tol)
             logger.debug("BalancedKMeans init %d: inertia %.6g after %d iterations", run, result[2], result[3])
             if best is None or result[2] < best[2]:

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from scipy.special import logsumexp
 
 from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
-from .clustering import balanced_assignment, size_bounds
+from .clustering import balanced_assignment, kmeans_plusplus_indices, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
 from .averaging import wiener_filter
@@ -139,20 +139,11 @@ class Refiner:
 
     def _seed_plusplus(self, images: torch.Tensor, points: torch.Tensor,
                        rng: np.random.Generator) -> torch.Tensor:
-        """Greedy K-means++ seeding with the aligned distance (seeds are whole images)."""
-        n, k = len(points), self.cfg.n_classes
-        trials = 2 + int(np.log(k))
-        first = int(rng.integers(n))
-        seeds = [first]
-        closest = self._aligned_distances(points, images[[first]])[0][:, 0].clip(min=0)
-        for _ in range(1, k):
-            candidates = rng.choice(n, size=trials, p=closest / closest.sum())
-            dists = self._aligned_distances(points, images[candidates])[0].clip(min=0)
-            pots = np.minimum(closest[:, None], dists).sum(0)
-            best = int(np.argmin(pots))
-            seeds.append(int(candidates[best]))
-            closest = np.minimum(closest, dists[:, best])
-        return images[seeds].clone()
+        """K-means++ seeds (whole images) with the aligned distance, by the package's one seeding."""
+        def sq_dist_rows(idx: NDArray) -> NDArray:
+            return self._aligned_distances(points, images[torch.from_numpy(np.asarray(idx))])[0].T.clip(min=0)
+        seeds = kmeans_plusplus_indices(sq_dist_rows, len(points), self.cfg.n_classes, rng, None, None)
+        return images[torch.from_numpy(seeds)].clone()
 
     # ---- CTF-aware likelihood on raw particles -----------------------------------------
     def statistics_from_labels(self, labels: NDArray, pose: NDArray, n_classes: int | None = None,
