@@ -150,7 +150,7 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
             diameter = cfg.diameter_angst(stack.box_size, pixel_size)
             checks.check_particle_diameter(diameter, stack.box_size, pixel_size)
             stack.normalise(checks.background_radius_px(diameter, stack.box_size, pixel_size))
-            box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box)
+            box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box, diameter)
             plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
             mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
             ws = prepare_working_set(stack, plan, mine, scratch, loader_workers(cfg, len(mine)),

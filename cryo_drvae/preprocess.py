@@ -30,6 +30,7 @@ from .store import RowStore
 logger = logging.getLogger(__name__)
 
 TARGET_NYQUIST_A = 12.0   # working resolution limit for classification (Å)
+MIN_PARTICLE_PX = 32      # the particle's diameter in working pixels, at least (box permitting)
 NOISE_SAMPLE = 2000       # particles used to estimate the noise spectrum
 READ_BUDGET = 1 << 24     # raw pixels read per batch (64 MB of float32), whatever the box
 
@@ -120,11 +121,17 @@ def alignment_mask(box_size: int) -> NDArray[np.bool_]:
     return circular_mask(box_size, box_size / 2 - 1)
 
 
-def choose_working_box(box_size: int, pixel_size: float, requested: int = 0) -> int:
-    """Requested box, or the multiple of 8 giving a Nyquist near 12 Å, within [32, 64] and <= box."""
+def choose_working_box(box_size: int, pixel_size: float, requested: int = 0,
+                       particle_diameter: float = 0.0) -> int:
+    """Requested box, or the multiple of 8 giving a Nyquist near 12 Å *and* a particle at least
+    ``MIN_PARTICLE_PX`` pixels across (small proteins need the finer sampling to tell their views
+    apart: docs/method.md), within [32, 64] and <= box."""
     if requested:
         return min(box_size, requested - requested % 8)
-    natural = box_size * pixel_size / (TARGET_NYQUIST_A / 2.0)
+    box_angst = box_size * pixel_size
+    natural = box_angst / (TARGET_NYQUIST_A / 2.0)
+    if particle_diameter > 0:
+        natural = max(natural, MIN_PARTICLE_PX * box_angst / particle_diameter)
     return int(min(box_size - box_size % 8, max(32, min(64, 8 * round(natural / 8)))))
 
 
