@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cryo_drvae.ctf import params_from_particles
-from cryo_drvae.preprocess import alignment_mask, plan_preparation, prepare_working_set
+from cryo_drvae.preprocess import alignment_mask, choose_working_box, plan_preparation, prepare_working_set
 from cryo_drvae.stack import ParticleStack
 from cryo_drvae.star_io import read_particles
 
@@ -44,3 +44,14 @@ def test_effective_ctf_links_flipped_and_weighted_images(small_set):
     right = (filtered_by(rows) - weighted).abs().max()
     wrong = (filtered_by(others) - weighted).abs().max()
     assert right < 0.02 * weighted.abs().max() and right < 0.1 * wrong
+
+
+def test_working_box_keeps_a_small_particle_at_least_32_pixels_across():
+    # 1HVR-like: 70 Å in a 64 px box at 1.7 Å/px; the 12 Å Nyquist alone gives 32 px (21 px across)
+    box = choose_working_box(64, 1.7, particle_diameter=70.6)
+    assert box == 48 and 70.6 / (64 * 1.7 / box) >= 30
+    assert choose_working_box(64, 1.7) == 32                        # no diameter: the Nyquist rule
+    assert choose_working_box(64, 3.0, particle_diameter=157.0) == 40
+    assert choose_working_box(256, 1.0, particle_diameter=60.0) == 64   # capped at 64
+    assert choose_working_box(40, 1.0, particle_diameter=10.0) == 40    # never above the box
+    assert choose_working_box(64, 1.7, requested=56, particle_diameter=70.6) == 56
