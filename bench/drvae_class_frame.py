@@ -53,7 +53,7 @@ def load(sim_dir: Path, diameter: float):
     pixel = float(pixel_sizes(table)[0])
     diameter = diameter or 0.6 * stack.box_size * pixel
     stack.normalise(checks.background_radius_px(diameter, stack.box_size, pixel))
-    box = choose_working_box(stack.box_size, pixel)
+    box = choose_working_box(stack.box_size, pixel, particle_diameter=diameter)
     ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel, diameter, box, 0))
     return ws, pd.read_csv(sim_dir / "truth.csv")["class"].to_numpy() - 1
 
