@@ -348,7 +348,7 @@ def oracle_labels(sim: SimulatedSet, threads: int = 1) -> tuple[NDArray[np.int64
     stack = ParticleStack.from_table(table, data_dir=sim.star_path.parent)
     ctf = params_from_particles(table.per_particle(), str(table.path))
     pixel_size = float(pixel_sizes(table)[0])
-    box = choose_working_box(stack.box_size, pixel_size)
+    box = choose_working_box(stack.box_size, pixel_size, particle_diameter=sim.config.diameter)
     ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel_size, sim.config.diameter, box, SEED))
     stack.close()
     with mrcfile.open(sim.templates_path, permissive=True) as mrc:

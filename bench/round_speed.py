@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     table = read_particles(args.i)
     stack = ParticleStack.from_table(table)
     pixel = float(pixel_sizes(table)[0])
-    box = choose_working_box(stack.box_size, pixel)
+    diameter = DIAMETER_FRACTION * stack.box_size * pixel
+    box = choose_working_box(stack.box_size, pixel, particle_diameter=diameter)
     ctf = params_from_particles(table.per_particle(), str(table.path))
-    ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel, DIAMETER_FRACTION * stack.box_size * pixel,
-                                                     box, 0))
+    ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel, diameter, box, 0))
     ref = Refiner(ws, ClusterConfig(n_classes=args.K, psi_step=args.psi_step), torch.device("cpu"))
     rows = np.random.default_rng(0).choice(len(ws), args.K, replace=False)
     refs = ws.flipped[rows] * ref.solvent_mask
