@@ -23,8 +23,8 @@ from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, kmeans_plusplus_indices, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
-from .averaging import wiener_filter
-from .preprocess import WorkingSet, rfft_weights, shell_index, shell_sum
+from .fourier import lowpass, rfft_weights, shell_index, shell_sum, wiener_filter
+from .preprocess import WorkingSet
 from .progress import bar as tqdm
 
 logger = logging.getLogger(__name__)
@@ -338,10 +338,3 @@ def floored_log_prior(shares: NDArray, floor: float) -> NDArray:
 def total_log_likelihood(state: EMState) -> float:
     """log p(data | references, priors), poses and classes marginalised, from an E-step's results."""
     return float(logsumexp(state.loglik.astype(np.float64) + state.log_prior[None], axis=1).sum())
-
-
-def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:
-    """``(n, W, W)`` images with Fourier shells above ``max_shell`` removed."""
-    box = images.shape[-1]
-    keep = torch.from_numpy(shell_index(box) <= max_shell).float()
-    return torch.fft.irfft2(torch.fft.rfft2(images, norm="ortho") * keep, s=(box, box), norm="ortho")

@@ -24,11 +24,11 @@ import torch
 from threadpoolctl import threadpool_limits
 from numpy.typing import NDArray
 
-from .alignment import circular_mask, transform_images
+from .alignment import transform_images
 from .errors import AbortRequested
+from .fourier import band_crop, circular_mask, crop_spectrum, lowpass
 from .progress import WorkClock, format_seconds
-from .preprocess import band_crop, crop_spectrum
-from .refine import EMState, Refiner, lowpass, posterior, total_log_likelihood
+from .refine import EMState, Refiner, posterior, total_log_likelihood
 
 logger = logging.getLogger(__name__)
 
