@@ -15,11 +15,22 @@ from numpy.typing import NDArray
 
 # ---- grids and masks -----------------------------------------------------------------------
 
+def frequency_grid(box_size: int, pixel_size: float = 1.0, rfft: bool = True) -> tuple[NDArray, NDArray]:
+    """Spatial frequencies (1/Å, or cycles/px) ``(ky, kx)``, each ``(box, box//2+1)`` or ``(box, box)``."""
+    ky = np.fft.fftfreq(box_size, d=pixel_size)
+    kx = np.fft.rfftfreq(box_size, d=pixel_size) if rfft else ky
+    return np.meshgrid(ky, kx, indexing="ij")
+
+
+def frequency_radius(box_size: int, rfft: bool = True) -> NDArray[np.float64]:
+    """``|k|`` in cycles per box of each FFT coefficient, ``(box, box//2+1)`` or ``(box, box)``."""
+    ky, kx = frequency_grid(box_size, rfft=rfft)
+    return np.hypot(ky * box_size, kx * box_size)
+
+
 def shell_index(box_size: int) -> NDArray[np.int64]:
     """Integer Fourier shell of each rfft coefficient, ``(W, W//2+1)``."""
-    ky = np.fft.fftfreq(box_size) * box_size
-    kx = np.fft.rfftfreq(box_size) * box_size
-    return np.rint(np.hypot(ky[:, None], kx[None, :])).astype(np.int64)
+    return np.rint(frequency_radius(box_size)).astype(np.int64)
 
 
 def rfft_weights(box_size: int) -> NDArray[np.float32]:
@@ -29,6 +40,12 @@ def rfft_weights(box_size: int) -> NDArray[np.float32]:
     if box_size % 2 == 0:
         weights[:, -1] = 1.0
     return weights
+
+
+def centred_radius(box_size: int) -> NDArray[np.float64]:
+    """``(box, box)`` distance in px from the centre ``box // 2``."""
+    coords = np.arange(box_size) - box_size // 2
+    return np.hypot(coords[None, :], coords[:, None])
 
 
 def circular_mask(box_size: int, radius: float) -> NDArray[np.bool_]:

@@ -23,7 +23,7 @@ from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, kmeans_plusplus_indices, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
-from .fourier import lowpass, rfft_weights, shell_index, shell_sum, wiener_filter
+from .fourier import centred_radius, lowpass, rfft_weights, shell_index, shell_sum, wiener_filter
 from .preprocess import WorkingSet
 from .progress import bar as tqdm
 
@@ -86,8 +86,7 @@ class Refiner:
         self.weighted = ws.weighted
         self.shells = torch.from_numpy(shell_index(box)).clamp(max=ws.ctf2_shells.shape[1] - 1)
         self.multiplicity = torch.from_numpy(rfft_weights(box))
-        radius = torch.from_numpy(np.hypot(*np.meshgrid(np.arange(box) - box // 2,
-                                                         np.arange(box) - box // 2)))
+        radius = torch.from_numpy(centred_radius(box))
         edge = ws.particle_radius
         self.solvent_mask = (0.5 + 0.5 * torch.cos(torch.clamp((radius - edge) / 3.0, 0, 1) * np.pi)).float()
         self.batch = chunk_size(cfg.n_classes * self.grid.n_poses)

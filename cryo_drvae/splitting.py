@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from .alignment import transform_images
 from .errors import AbortRequested
-from .fourier import band_crop, circular_mask, crop_spectrum, lowpass
+from .fourier import band_crop, circular_mask, crop_spectrum, frequency_radius, lowpass
 from .progress import WorkClock, format_seconds
 from .refine import EMState, Refiner, posterior, total_log_likelihood
 
@@ -149,8 +149,7 @@ class SplitCandidate:
 def effective_dimension(box: int, radius: float, shell: float) -> int:
     """Dimensions of masked images low-passed to ``shell``: the Fourier components inside the
     shell times the share of the box the mask covers."""
-    f = np.fft.fftfreq(box) * box
-    inside = float((np.hypot(f[:, None], f[None, :]) <= shell).sum())
+    inside = float((frequency_radius(box, rfft=False) <= shell).sum())
     return int(inside * min(1.0, np.pi * radius ** 2 / box ** 2))
 
 
