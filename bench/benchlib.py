@@ -37,8 +37,8 @@ from cryo_drvae.config import ClusterConfig
 from cryo_drvae.ctf import params_from_particles
 from cryo_drvae.evaluate import normalise_image_name, score_labels
 from cryo_drvae.plots import plot_side_by_side
-from cryo_drvae.preprocess import (WorkingSet, choose_working_box, fourier_crop, plan_preparation, prepare_working_set,
-                                   rfft_weights, shell_index)
+from cryo_drvae.fourier import fourier_crop, rfft_weights, shell_index, shell_sum
+from cryo_drvae.preprocess import WorkingSet, choose_working_box, plan_preparation, prepare_working_set
 from cryo_drvae import refine
 from cryo_drvae.refine import EMState, Refiner
 from cryo_drvae.simulate import SimulatedSet, SimulationConfig, simulate_dataset
@@ -372,9 +372,7 @@ def _moment_scale(ws: WorkingSet, refs: torch.Tensor) -> float:
     signal = float((ws.flipped.read(0, len(ws)) ** 2).sum(dim=(1, 2)).mean()) - ws.noise_var * box * box
     spectrum = torch.fft.rfft2(refs, norm="ortho").abs() ** 2
     shells = ws.ctf2_shells.shape[1]
-    index = torch.from_numpy(shell_index(box)).clamp(max=shells - 1).reshape(-1)
-    power = torch.zeros(refs.shape[0], shells).index_add_(
-        1, index, (spectrum * torch.from_numpy(rfft_weights(box))).reshape(refs.shape[0], -1))
+    power = shell_sum(spectrum * torch.from_numpy(rfft_weights(box)), torch.from_numpy(shell_index(box)), shells)
     template = float((ws.ctf2_shells @ power.t()).mean())
     if signal <= 0 or template <= 0:
         return 1.0

@@ -34,7 +34,8 @@ from cryo_drvae.clustering import BalancedKMeans, reliable_mask
 from cryo_drvae.config import ClusterConfig, TrainConfig
 from cryo_drvae.ctf import params_from_particles
 from cryo_drvae.evaluate import score_labels
-from cryo_drvae.preprocess import choose_working_box, plan_preparation, prepare_working_set, shell_sum
+from cryo_drvae.fourier import shell_sum
+from cryo_drvae.preprocess import choose_working_box, plan_preparation, prepare_working_set
 from cryo_drvae.refine import EMState, Refiner, posterior, total_log_likelihood
 from cryo_drvae.splitting import grow_classes
 from cryo_drvae.stack import ParticleStack

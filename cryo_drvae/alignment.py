@@ -62,12 +62,6 @@ def make_pose_grid(psi_step_deg: float, max_shift_px: float, shift_step_px: floa
     return PoseGrid(psi, shifts)
 
 
-def circular_mask(box_size: int, radius: float) -> NDArray[np.bool_]:
-    """Boolean ``(box, box)`` disc of ``radius`` pixels around the centre ``box // 2``."""
-    coords = np.arange(box_size) - box_size // 2
-    return (coords[None, :] ** 2 + coords[:, None] ** 2) <= radius ** 2
-
-
 class PoseOperator:
     """Linear map from a full ``(box, box)`` reference to its masked pixels at every pose.
 

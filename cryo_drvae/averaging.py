@@ -1,8 +1,8 @@
 """CTF-corrected class averages: Wiener filtering of aligned, CTF-weighted particle sums.
 
-``wiener_filter`` is shared by the working-box references of the classification rounds and by
-the full-size class averages written at the end, which ``class_averages`` accumulates in one
-streaming pass over the original stack.
+``class_averages`` accumulates the full-size averages written at the end in one streaming pass
+over the original stack, and filters them with ``fourier.wiener_filter`` (which the working-box
+references of the classification rounds use too).
 """
 
 from __future__ import annotations
@@ -17,49 +17,12 @@ from numpy.typing import NDArray
 from .alignment import transform_images
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
-from .preprocess import read_batch_size, shell_index, shell_mean, shell_sum
+from .fourier import resolution_from_ssnr, shell_index, wiener_filter
+from .preprocess import read_batch_size
 from .progress import bar as tqdm
 from .stack import ParticleStack
 
 logger = logging.getLogger(__name__)
-
-
-def wiener_filter(numerator: torch.Tensor, ctf2: torch.Tensor, noise_var: float,
-                  shells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Wiener estimate of class spectra and their spectral SNR.
-
-    Parameters
-    ----------
-    numerator : (K, H, W') complex, ortho rfft of the aligned sums of CTF-weighted particles.
-    ctf2 : (K, H, W') summed squared CTFs of the members.
-    noise_var : per-pixel (and per ortho Fourier component) noise variance.
-    shells : (H, W') integer shell of each coefficient.
-
-    Returns
-    -------
-    spectra : (K, H, W') complex filtered spectra.
-    ssnr : (K, n_shells) spectral signal-to-noise ratio of each class average per shell.
-    """
-    n_shells = int(shells.max()) + 1
-    # E|numerator|^2 = tau2 ctf2^2 + noise_var ctf2 per coefficient: a least-squares tau2 per shell,
-    # in which coefficients near CTF zeros weigh little (dividing by ctf2 first let one such
-    # coefficient of a one-particle class blow its average up by 1e10)
-    power = shell_sum(numerator.abs() ** 2 - noise_var * ctf2, shells, n_shells)
-    tau2 = (power / shell_sum(ctf2 ** 2, shells, n_shells).clamp(min=1e-12)).clamp(min=1e-10)  # signal power
-    spectra = numerator / (ctf2 + noise_var / tau2[:, shells])
-    ssnr = tau2 * shell_mean(ctf2, shells, n_shells) / noise_var
-    return spectra, ssnr
-
-
-def resolution_from_ssnr(ssnr: torch.Tensor, box_size: int, pixel_size: float) -> NDArray:
-    """Resolution (Å) per class: the first shell whose SSNR falls below 1 (999 if none above)."""
-    out = np.full(ssnr.shape[0], 999.0)
-    for k, row in enumerate(ssnr.numpy()):
-        good = np.nonzero(row[1:box_size // 2 + 1] < 1.0)[0]
-        last = (good[0] if len(good) else box_size // 2)      # shells 1..last are above 1
-        if last >= 1:
-            out[k] = box_size * pixel_size / last
-    return out
 
 
 def class_averages(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float,

@@ -13,6 +13,7 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
 from .errors import InputFileError
+from .fourier import frequency_grid
 
 
 def electron_wavelength(voltage_kv: NDArray) -> NDArray:
@@ -92,16 +93,6 @@ def params_from_particles(particles: pd.DataFrame, source: str = "particles") ->
                      values["rlnVoltage"], values["rlnSphericalAberration"],
                      values["rlnAmplitudeContrast"], values["rlnPhaseShift"],
                      values["rlnCtfBfactor"], values["rlnCtfScalefactor"])
-
-
-def frequency_grid(box_size: int, pixel_size: float, rfft: bool = True) -> tuple[NDArray, NDArray]:
-    """Spatial frequencies (1/Å) ``(ky, kx)``, each ``(box, box//2+1)`` or ``(box, box)``.
-
-    Layout follows ``numpy.fft``: x along columns, y along rows, zero frequency at [0, 0].
-    """
-    ky = np.fft.fftfreq(box_size, d=pixel_size)
-    kx = np.fft.rfftfreq(box_size, d=pixel_size) if rfft else ky
-    return np.meshgrid(ky, kx, indexing="ij")
 
 
 def ctf_images(params: CtfParams, box_size: int, pixel_size: float | NDArray,

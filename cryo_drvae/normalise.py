@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from .fourier import circular_mask
+
 
 def background_radius(box_size: int, particle_radius_px: float) -> float:
     """Radius outside which pixels count as background: the particle's, at most ``box/2 - 1``
@@ -22,8 +24,7 @@ def background_radius(box_size: int, particle_radius_px: float) -> float:
 
 def background_mask(box_size: int, radius_px: float) -> NDArray[np.bool_]:
     """``(box, box)`` True outside the circle of ``radius_px`` around the box centre."""
-    grid = np.arange(box_size) - box_size // 2
-    return grid[:, None] ** 2 + grid[None, :] ** 2 > radius_px ** 2
+    return ~circular_mask(box_size, radius_px)
 
 
 def normalise_background(images: NDArray, radius_px: float) -> tuple[NDArray[np.float32], NDArray]:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .alignment import circular_mask
 from .ctf import CtfParams, ctf_images
 from .errors import AbortRequested
+from .fourier import alignment_mask, circular_mask, fourier_crop, shell_index, shell_mean
 from .progress import bar as tqdm
 from .stack import ParticleStack
 from .store import RowStore
@@ -117,10 +117,6 @@ class WorkingSet:
         self.weighted.remove()
 
 
-def alignment_mask(box_size: int) -> NDArray[np.bool_]:
-    return circular_mask(box_size, box_size / 2 - 1)
-
-
 def choose_working_box(box_size: int, pixel_size: float, requested: int = 0,
                        particle_diameter: float = 0.0) -> int:
     """Requested box, or the multiple of 8 giving a Nyquist near 12 Å *and* a particle at least
@@ -133,65 +129,6 @@ def choose_working_box(box_size: int, pixel_size: float, requested: int = 0,
     if particle_diameter > 0:
         natural = max(natural, MIN_PARTICLE_PX * box_angst / particle_diameter)
     return int(min(box_size - box_size % 8, max(32, min(64, 8 * round(natural / 8)))))
-
-
-def shell_index(box_size: int) -> NDArray[np.int64]:
-    """Integer Fourier shell of each rfft coefficient, ``(W, W//2+1)``."""
-    ky = np.fft.fftfreq(box_size) * box_size
-    kx = np.fft.rfftfreq(box_size) * box_size
-    return np.rint(np.hypot(ky[:, None], kx[None, :])).astype(np.int64)
-
-
-def rfft_weights(box_size: int) -> NDArray[np.float32]:
-    """Multiplicity of each rfft coefficient in the full spectrum (1 or 2), ``(W, W//2+1)``."""
-    weights = np.full((box_size, box_size // 2 + 1), 2.0, dtype=np.float32)
-    weights[:, 0] = 1.0
-    if box_size % 2 == 0:
-        weights[:, -1] = 1.0
-    return weights
-
-
-def fourier_crop(images: torch.Tensor, working_box: int) -> torch.Tensor:
-    """``(n, B, B)`` real images -> ``(n, W, W//2+1)`` ortho rfft of the W-box version."""
-    box = images.shape[-1]
-    spectrum = torch.fft.rfft2(images, norm="ortho")
-    if working_box == box:
-        return spectrum
-    half = working_box // 2
-    rows = torch.cat([spectrum[:, :half], spectrum[:, box - half:]], dim=1)
-    # ortho scaling keeps white-noise variance; the factor keeps image values comparable
-    return rows[:, :, :half + 1] * (working_box / box)
-
-
-def band_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``(n, B, B)`` real images on a ``size`` box with the same low frequencies, unitary (unlike
-    :func:`fourier_crop`'s values-keeping factor): energies and eigenvalues are kept."""
-    box = images.shape[-1]
-    if size == box:
-        return images
-    return torch.fft.irfft2(fourier_crop(images, size) * (box / size), s=(size, size), norm="ortho")
-
-
-def crop_spectrum(full: torch.Tensor, size: int) -> torch.Tensor:
-    """``(n, B, B)`` values on the unshifted full FFT grid -> the same frequencies on a ``size`` grid."""
-    box = full.shape[-1]
-    if size == box:
-        return full
-    keep = torch.from_numpy(np.r_[0:size // 2, box - size // 2:box])
-    return full[:, keep][:, :, keep]
-
-
-def shell_sum(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Sum of ``(n, H, W')`` values per integer Fourier shell (shells above the last clamped)."""
-    flat = values.reshape(values.shape[0], -1)
-    index = shells.reshape(-1).clamp(max=n_shells - 1)
-    return torch.zeros(values.shape[0], n_shells, dtype=flat.dtype).index_add_(1, index, flat)
-
-
-def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``(n, H, W')`` values per integer Fourier shell -> ``(n, n_shells)``."""
-    counts = torch.bincount(shells.reshape(-1).clamp(max=n_shells - 1), minlength=n_shells).clamp(min=1)
-    return shell_sum(values, shells, n_shells) / counts
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, kmeans_plusplus_indices, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
-from .averaging import wiener_filter
-from .preprocess import WorkingSet, rfft_weights, shell_index, shell_sum
+from .fourier import centred_radius, lowpass, rfft_weights, shell_index, shell_sum, wiener_filter
+from .preprocess import WorkingSet
 from .progress import bar as tqdm
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class Refiner:
         self.weighted = ws.weighted
         self.shells = torch.from_numpy(shell_index(box)).clamp(max=ws.ctf2_shells.shape[1] - 1)
         self.multiplicity = torch.from_numpy(rfft_weights(box))
-        radius = torch.from_numpy(np.hypot(*np.meshgrid(np.arange(box) - box // 2,
-                                                         np.arange(box) - box // 2)))
+        radius = torch.from_numpy(centred_radius(box))
         edge = ws.particle_radius
         self.solvent_mask = (0.5 + 0.5 * torch.cos(torch.clamp((radius - edge) / 3.0, 0, 1) * np.pi)).float()
         self.batch = chunk_size(cfg.n_classes * self.grid.n_poses)
@@ -338,10 +337,3 @@ def floored_log_prior(shares: NDArray, floor: float) -> NDArray:
 def total_log_likelihood(state: EMState) -> float:
     """log p(data | references, priors), poses and classes marginalised, from an E-step's results."""
     return float(logsumexp(state.loglik.astype(np.float64) + state.log_prior[None], axis=1).sum())
-
-
-def lowpass(images: torch.Tensor, max_shell: int) -> torch.Tensor:
-    """``(n, W, W)`` images with Fourier shells above ``max_shell`` removed."""
-    box = images.shape[-1]
-    keep = torch.from_numpy(shell_index(box) <= max_shell).float()
-    return torch.fft.irfft2(torch.fft.rfft2(images, norm="ortho") * keep, s=(box, box), norm="ortho")

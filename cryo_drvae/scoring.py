@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from scipy.ndimage import gaussian_filter
 
 from .config import DIAMETER_FRACTION
+from .fourier import centred_radius, frequency_radius
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +73,10 @@ FEATURES = {
 }
 
 
-def radial_grid(box: int) -> NDArray[np.float64]:
-    """``(box, box)`` distance in px from the centre ``box // 2``."""
-    coords = np.arange(box) - box // 2
-    return np.hypot(coords[None, :], coords[:, None])
-
-
 def rotational_average(image: NDArray) -> NDArray[np.float64]:
     """The image averaged over all in-plane rotations about ``box // 2`` (same shape)."""
     box = image.shape[-1]
-    r = radial_grid(box)
+    r = centred_radius(box)
     index = np.round(r).astype(np.int64)
     sums = np.bincount(index.ravel(), weights=image.ravel())
     counts = np.bincount(index.ravel())
@@ -90,7 +85,7 @@ def rotational_average(image: NDArray) -> NDArray[np.float64]:
 
 
 def _compactness(image: NDArray, radius: float) -> float:
-    r = radial_grid(image.shape[-1])
+    r = centred_radius(image.shape[-1])
     inside, outside = r <= radius, (r > 1.1 * radius) & (r < image.shape[-1] / 2)
     centred = image - np.median(image[outside])
     p_in, p_out = np.mean(centred[inside] ** 2), np.mean(centred[outside] ** 2)
@@ -99,7 +94,7 @@ def _compactness(image: NDArray, radius: float) -> float:
 
 def _centring(image: NDArray, radius: float) -> float:
     box = image.shape[-1]
-    r = radial_grid(box)
+    r = centred_radius(box)
     outside = (r > 1.1 * radius) & (r < box / 2)
     weight = np.clip(image - np.median(image[outside]), 0.0, None)
     if weight.sum() <= 0:
@@ -111,7 +106,7 @@ def _centring(image: NDArray, radius: float) -> float:
 
 
 def _structure(image: NDArray, radius: float) -> float:
-    r = radial_grid(image.shape[-1])
+    r = centred_radius(image.shape[-1])
     inside = r <= radius
     centred = image - image[inside].mean()
     round_part = rotational_average(centred)
@@ -125,7 +120,7 @@ def _structure(image: NDArray, radius: float) -> float:
 def _straightness(image: NDArray, radius: float) -> float:
     smooth = gaussian_filter(np.asarray(image, dtype=np.float64), 1.0)
     gy, gx = np.gradient(smooth)
-    outer = radial_grid(image.shape[-1]) > 0.7 * radius
+    outer = centred_radius(image.shape[-1]) > 0.7 * radius
     gx, gy = gx[outer], gy[outer]
     jxx, jyy, jxy = np.sum(gx * gx), np.sum(gy * gy), np.sum(gx * gy)
     trace = jxx + jyy
@@ -193,18 +188,17 @@ def class_features(averages: NDArray, counts: NDArray, resolution: NDArray, pixe
 
 
 def _inside_sd(image: NDArray, radius: float) -> float:
-    return float(np.std(image[radial_grid(image.shape[-1]) <= radius]))
+    return float(np.std(image[centred_radius(image.shape[-1]) <= radius]))
 
 
 def _detail(image: NDArray, radius: float) -> float:
     """Share of the masked average's power at inner-detail frequencies (1.5 box/D .. box/4 cycles)."""
     box = image.shape[-1]
-    r = radial_grid(box)
+    r = centred_radius(box)
     inside = r <= radius
     masked = np.where(inside, image - image[inside].mean(), 0.0)
     power = np.abs(np.fft.fft2(masked)) ** 2
-    freq = np.fft.fftfreq(box) * box
-    q = np.hypot(freq[None, :], freq[:, None])
+    q = frequency_radius(box, rfft=False)
     edge = 1.5 * box / (2 * radius)
     low, high = (q >= 1) & (q < edge), (q >= edge) & (q <= box / 4)
     total = power[low | high].sum()

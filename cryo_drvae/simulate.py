@@ -59,6 +59,7 @@ from scipy.spatial.transform import Rotation
 from .ctf import CtfParams, ctf_images
 from .errors import ConfigError
 from .io_utils import atomic_path
+from .normalise import background_mask
 from .progress import bar as tqdm
 from .structures import AtomicModel, read_atomic_model
 from .junk import KIND_COLUMN, mark_junk, render_junk
@@ -454,12 +455,6 @@ def render_support(scene: Scene, max_shift_px: float, limit: int) -> int:
     """
     reach = scene.reach_px + max_shift_px + 5 * scene.sigma_px
     return min(limit, 2 * int(np.ceil(reach)) + 2)
-
-
-def background_mask(box_size: int, radius_px: float) -> NDArray[np.bool_]:
-    """True outside the circle of ``radius_px`` around ``(box//2, box//2)``."""
-    grid = np.arange(box_size) - box_size // 2
-    return grid[:, None] ** 2 + grid[None, :] ** 2 > radius_px ** 2
 
 
 def normalise_background(images: NDArray, radius_px: float) -> NDArray[np.float32]:

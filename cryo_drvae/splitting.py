@@ -24,11 +24,11 @@ import torch
 from threadpoolctl import threadpool_limits
 from numpy.typing import NDArray
 
-from .alignment import circular_mask, transform_images
+from .alignment import transform_images
 from .errors import AbortRequested
+from .fourier import band_crop, circular_mask, crop_spectrum, frequency_radius, lowpass
 from .progress import WorkClock, format_seconds
-from .preprocess import band_crop, crop_spectrum
-from .refine import EMState, Refiner, lowpass, posterior, total_log_likelihood
+from .refine import EMState, Refiner, posterior, total_log_likelihood
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,7 @@ class SplitCandidate:
 def effective_dimension(box: int, radius: float, shell: float) -> int:
     """Dimensions of masked images low-passed to ``shell``: the Fourier components inside the
     shell times the share of the box the mask covers."""
-    f = np.fft.fftfreq(box) * box
-    inside = float((np.hypot(f[:, None], f[None, :]) <= shell).sum())
+    inside = float((frequency_radius(box, rfft=False) <= shell).sum())
     return int(inside * min(1.0, np.pi * radius ** 2 / box ** 2))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryo_drvae.alignment import (PoseOperator, circular_mask, make_pose_grid, pose_scores,
-                                  to_relion_pose, transform_images)
+from cryo_drvae.alignment import PoseOperator, make_pose_grid, pose_scores, to_relion_pose, transform_images
+from cryo_drvae.fourier import alignment_mask, circular_mask
 
 
 def asymmetric_image(box: int = 32) -> torch.Tensor:
@@ -83,7 +83,6 @@ def test_operator_size_does_not_grow_with_poses_times_pixels():
     """At the largest working box (64 px, reached by every box >= ~320 px at ~1 Å/px) the
     operator once held P*M*4 = 56 M entries (29 s, 5.5 GB to build); it must stay small."""
     import time
-    from cryo_drvae.preprocess import alignment_mask
     started = time.perf_counter()
     op = PoseOperator(64, make_pose_grid(10.0, 6.4), alignment_mask(64))
     took = time.perf_counter() - started

@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from cryo_drvae.cli import main
 from cryo_drvae.ctf import ctf_images
 from cryo_drvae.errors import ConfigError
+from cryo_drvae.fourier import shell_index
 from cryo_drvae.junk import JUNK_KINDS, PARTICLE_KIND
-from cryo_drvae.simulate import SimulationConfig, background_mask, ctf_from_truth, simulate_dataset
+from cryo_drvae.normalise import background_mask
+from cryo_drvae.simulate import SimulationConfig, ctf_from_truth, simulate_dataset
 
 BASE = dict(n_classes=4, n_particles=400, box_size=40, pixel_size=4.5, snr=0.1, particles_per_stack=400)
 
@@ -76,7 +78,7 @@ def test_compact_junk_carries_the_ctf(tmp_path):
     box, apix = 40, 4.5
     ctf2 = ctf_images(ctf_from_truth(truth, sim.config), box, apix, rfft=True) ** 2
     power = np.abs(np.fft.rfft2(images)) ** 2
-    shells = np.rint(np.hypot(*np.meshgrid(np.fft.rfftfreq(box) * box, np.fft.fftfreq(box) * box))).astype(int)
+    shells = shell_index(box)
     # within a Fourier shell, power where the CTF is ~0 is far below power where it is near +-1
     # (carbon crosses the box edge, whose cut leaks power everywhere: judged on compact junk)
     strong = truth["kind"].isin(["aggregate", "broken"]).to_numpy()

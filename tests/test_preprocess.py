@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from cryo_drvae.ctf import params_from_particles
-from cryo_drvae.preprocess import alignment_mask, choose_working_box, plan_preparation, prepare_working_set
+from cryo_drvae.fourier import alignment_mask
+from cryo_drvae.preprocess import choose_working_box, plan_preparation, prepare_working_set
 from cryo_drvae.stack import ParticleStack
 from cryo_drvae.star_io import read_particles
 

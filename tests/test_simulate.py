@@ -12,8 +12,9 @@ import starfile
 from scipy.ndimage import map_coordinates, rotate
 
 from cryo_drvae.errors import ConfigError, InputFileError
+from cryo_drvae.normalise import background_mask
 from cryo_drvae.structures import read_atomic_model
-from cryo_drvae.simulate import (SimulationConfig, background_mask, build_scene, class_sizes,
+from cryo_drvae.simulate import (SimulationConfig, build_scene, class_sizes,
                                  ctf_from_truth, render_projections, render_signal, simulate_dataset)
 
 SMALL = dict(n_classes=4, n_particles=240, box_size=32, pixel_size=6.0, snr=0.05, particles_per_stack=100)

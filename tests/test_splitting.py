@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryo_drvae.alignment import circular_mask, make_pose_grid, transform_images
+from cryo_drvae.alignment import make_pose_grid, transform_images
 from cryo_drvae.config import ClusterConfig
 from cryo_drvae.ctf import CtfParams, ctf_images
-from cryo_drvae.preprocess import Preparation, WorkingSet, alignment_mask, shell_index, shell_mean
-from cryo_drvae.refine import Refiner, lowpass
+from cryo_drvae.fourier import alignment_mask, circular_mask, lowpass, shell_index, shell_mean
+from cryo_drvae.preprocess import Preparation, WorkingSet
+from cryo_drvae.refine import Refiner
 from cryo_drvae.splitting import aligned_members, effective_dimension, member_residuals, split_score
 from cryo_drvae.store import RowStore
 
