@@ -253,6 +253,56 @@ class Refiner:
                            weights.cpu())
         return loglik, best_pose, stats
 
+    # ---- model evidence: the likelihood with the references integrated out ----------------
+    def log_evidence(self, state: EMState, power: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """log p(data | classes), each class's reference integrated out under a Gaussian prior of
+        per-shell ``power`` (default: the signal power these classes estimate), poses marginalised.
+
+        The maximum likelihood of :func:`total_log_likelihood` rises whenever a class is split,
+        even in two halves of one view (each half fits its own noise); the evidence charges every
+        class for what its reference had to learn (an Occam factor), so splitting a view does not
+        pay and two small views merged into a large class do not either. One E-step.
+        """
+        loglik, _, stats = self.expectation(state.refs, torch.from_numpy(state.log_prior).float())
+        post = posterior(loglik, state.log_prior)
+        stats.weights = self.comm.sum(torch.from_numpy(post.sum(0, dtype=np.float64)))
+        if power is None:
+            power = self.signal_power(stats)
+        value = total_log_likelihood(EMState(state.refs, state.log_prior, loglik, None))
+        return value + float(self.occam_terms(stats, power).sum()), power
+
+    def signal_power(self, stats: Statistics) -> torch.Tensor:
+        """Per-shell signal power of a class reference, pooled over classes (>= 0)."""
+        spectrum, ctf2 = self.aligned_spectrum(stats), stats.ctf2_sums[:, self.shells].double()
+        safe = ctf2.clamp(min=1e-12)
+        excess = ((spectrum.abs().double() ** 2 - ctf2 * self.ws.noise_var) / safe ** 2).clamp(min=0)
+        n_shells = stats.ctf2_sums.shape[1]
+        num = shell_sum((excess * ctf2).sum(0, keepdim=True), self.shells, n_shells)[0]
+        den = shell_sum(ctf2.sum(0, keepdim=True), self.shells, n_shells)[0]
+        return num / den.clamp(min=1e-12)
+
+    def occam_terms(self, stats: Statistics, power: torch.Tensor) -> NDArray:
+        """Per class, log evidence minus maximum log-likelihood (<= 0), from the E-step's statistics.
+
+        Per complex Fourier coefficient of a reference with prior power t and summed CTF^2 C:
+        ``-log(1 + t C / s2) - |S|^2 / (s2 C) / (1 + t C / s2)``, S the CTF-weighted sum; counted
+        once per independent coefficient (half the rfft multiplicity, times the fraction of the
+        box inside the solvent mask: the references live there).
+        """
+        noise = self.ws.noise_var
+        spectrum, ctf2 = self.aligned_spectrum(stats), stats.ctf2_sums[:, self.shells]
+        ratio = power[self.shells][None] * ctf2.double() / noise
+        fit = spectrum.abs().double() ** 2 / (noise * ctf2.double().clamp(min=1e-12))
+        per_coefficient = -torch.log1p(ratio) - fit / (1.0 + ratio)
+        independent = 0.5 * self.multiplicity.double() * float(self.solvent_mask.mean())
+        return (per_coefficient * independent * self.fitted_band(spectrum, ctf2, stats.weights)).sum(dim=(1, 2)).numpy()
+
+    def fitted_band(self, spectrum: torch.Tensor, ctf2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The coefficients the references are fitted on (outside, they are 0 and gain nothing)."""
+        if self.cfg.reference_filter == "ml_common":
+            return self.common_band(spectrum, ctf2, weights).double()
+        return torch.ones(self.shells.shape, dtype=torch.float64)
+
     def em_step(self, refs: torch.Tensor, log_prior: NDArray, max_shell: float | None = None,
                 floor: float | None = None) -> EMState:
         """One soft E/M step: new Wiener references (low-passed to ``max_shell``) and class priors.

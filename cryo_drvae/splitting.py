@@ -33,6 +33,9 @@ from .refine import EMState, Refiner, posterior, total_log_likelihood
 logger = logging.getLogger(__name__)
 
 MOVE_SPLIT_FRACTION = 0.5   # split moves separate members on this fraction of the reference resolution
+TAIL_FRACTION = 0.1         # a move may also seed a class from this share of a class at either end of its
+                            # first principal component: a small view hidden in a large class (at SNR 0.02
+                            # it sits at one end, not in a half; measured: docs/method.md)
 PRIOR_FLOOR = 1e-6      # a class given no weight keeps a finite log-prior (it may be re-seeded)
 
 
@@ -121,6 +124,13 @@ def split_score(x: torch.Tensor, noise_var: float, d_eff: int = 0) -> tuple[floa
     return float(m * excess if excess > 0 else excess / edge), vt
 
 
+def tails(x: torch.Tensor, vt: torch.Tensor, fraction: float = TAIL_FRACTION) -> tuple[NDArray, NDArray]:
+    """The members at the low and at the high end of the first principal component."""
+    z = ((x - x.mean(0, keepdim=True)) @ vt[:1].t()).numpy()[:, 0]
+    low, high = np.quantile(z, [fraction, 1.0 - fraction])
+    return z < low, z > high
+
+
 def two_means(x: torch.Tensor, vt: torch.Tensor, n_iter: int = 10) -> NDArray:
     """2-means on the top principal components, started from the sign of the first."""
     z = ((x - x.mean(0, keepdim=True)) @ vt.t()).numpy()
@@ -138,12 +148,13 @@ def two_means(x: torch.Tensor, vt: torch.Tensor, n_iter: int = 10) -> NDArray:
 
 @dataclass
 class SplitCandidate:
-    """A class whose members the class model explains badly, with the 2-means halves of its members."""
+    """A class whose members the class model explains badly, with a part of its members to split off."""
 
     score: float                 # excess top eigenvalue over the noise edge, times the class size
     index: int                   # the class
     members: NDArray             # its particles
-    side: NDArray                # (m,) bool: which half each member goes to
+    side: NDArray                # (m,) bool: the members that go to the new class
+    part: str = "half"           # what ``side`` is: the 2-means "half", or the "low tail" / "high tail"
 
 
 def effective_dimension(box: int, radius: float, shell: float) -> int:
@@ -153,8 +164,9 @@ def effective_dimension(box: int, radius: float, shell: float) -> int:
     return int(inside * min(1.0, np.pi * radius ** 2 / box ** 2))
 
 
-def split_candidates(ref: Refiner, state: EMState, split_shell: float) -> list[SplitCandidate]:
-    """Every class with enough members, scored for a split, most heterogeneous first."""
+def split_candidates(ref: Refiner, state: EMState, split_shell: float, with_tails: bool = False) -> list[SplitCandidate]:
+    """Every class with enough members, scored for a split, most heterogeneous first (2-means
+    halves; ``with_tails``: the two tails too of each class larger than average, after its halves)."""
     k = state.refs.shape[0]
     labels = posterior(state.loglik, state.log_prior).argmax(1)
     d_eff = effective_dimension(ref.ws.box_size, ref.ws.particle_radius, split_shell)
@@ -168,6 +180,10 @@ def split_candidates(ref: Refiner, state: EMState, split_shell: float) -> list[S
         x = member_residuals(ref, members, state.best_pose[members, j], state.refs[j], split_shell)
         score, vt = split_score(x, ref.ws.noise_var, d_eff)
         candidates.append(SplitCandidate(score, j, members, two_means(x, vt)))
+        if with_tails and len(members) > len(labels) / k:     # a small view hides in a large class
+            low, high = tails(x, vt)
+            candidates += [SplitCandidate(score, j, members, high, "high tail"),
+                           SplitCandidate(score, j, members, low, "low tail")]
     candidates.sort(key=lambda c: -c.score)
     return candidates
 
@@ -309,23 +325,25 @@ def deletion_costs(state: EMState) -> NDArray:
 
 
 def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int = 6, max_trials: int = 0,
-                     patience: int = 4, should_abort: Callable[[], bool] = lambda: False) -> EMState:
-    """Split-and-merge moves at fixed K, each kept only if the total likelihood rises.
+                     patience: int = 6, should_abort: Callable[[], bool] = lambda: False) -> EMState:
+    """Split-and-merge moves at fixed K, each kept only if the log evidence rises.
 
     A move gives up the class whose members are best explained elsewhere (an empty class, or one
     half of a view that was split) and uses its slot for one half of the most heterogeneous
-    class (two views merged); ``em_steps`` EM steps later the marginal likelihood of all the data
-    decides. This escapes the merged-and-split states that EM alone cannot leave.
+    class (two views merged); ``em_steps`` EM steps later the evidence of all the data decides:
+    the likelihood with poses, classes *and references* integrated out (:meth:`Refiner.log_evidence`;
+    the maximum likelihood alone pays for splitting a view in halves). This escapes the
+    merged-and-split states that EM alone cannot leave.
     """
     k = state.refs.shape[0]
     if k < 2:
         return state
     max_trials = max_trials or 2 * k + 4
     split_shell = MOVE_SPLIT_FRACTION * shell   # two merged views differ most at low resolution
-    best = total_log_likelihood(state)
-    rejected: set[tuple[int, int]] = set()
+    best, power = ref.log_evidence(state)
+    rejected: set[tuple[int, int, str]] = set()
     trials = failures = 0
-    scored, costs = split_candidates(ref, state, split_shell), deletion_costs(state)
+    scored, costs = split_candidates(ref, state, split_shell, with_tails=True), deletion_costs(state)
     while trials < max_trials and failures < patience:
         move = next_move(ref, costs, scored, rejected)
         if move is None:
@@ -335,39 +353,41 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
         for _ in range(em_steps):
             proposal = ref.partial_em_step(proposal, [slot, candidate.index], shell)
         trials += 1
-        value = total_log_likelihood(proposal)
+        value, _ = ref.log_evidence(proposal, power)
         kept = value > best
-        logger.info("move %d: class %d re-seeded from a split of class %d (%d members): "
-                    "log-likelihood %+.1f, %s", trials, slot + 1, candidate.index + 1,
+        logger.info("move %d: class %d re-seeded from the %s of class %d (%d members): "
+                    "log evidence %+.1f, %s", trials, slot + 1, candidate.part, candidate.index + 1,
                     len(candidate.members), value - best, "kept" if kept else "undone")
         if kept:
             state, best, failures = proposal, value, 0
             rejected.clear()
-            scored, costs = split_candidates(ref, state, split_shell), deletion_costs(state)
+            scored, costs = split_candidates(ref, state, split_shell, with_tails=True), deletion_costs(state)
         else:
             # the same split into a class that costs more to give up cannot do better
-            rejected.update((s, candidate.index) for s in range(k) if costs[s] >= costs[slot])
+            rejected.update((s, candidate.index, candidate.part) for s in range(k) if costs[s] >= costs[slot])
             failures += 1
         if should_abort():
             raise AbortRequested("abort requested during split-and-merge moves")
     return state
 
 
-def next_move(ref: Refiner, costs: NDArray, scored: list[SplitCandidate], rejected: set[tuple[int, int]],
+def next_move(ref: Refiner, costs: NDArray, scored: list[SplitCandidate], rejected: set[tuple[int, int, str]],
               width: int = 3) -> tuple[int, SplitCandidate] | None:
     """The untried (slot, split) pair with the largest predicted gain among the ``width`` best of each
     (``scored``: :func:`split_candidates`, ``costs``: :func:`deletion_costs` of the same state)."""
     # the most heterogeneous classes, and the largest (at low SNR two merged views may not
     # stand out of the noise edge, but their class is about twice the size)
-    by_size = sorted(scored, key=lambda c: -len(c.members))
-    splits = list({c.index: c for c in scored[:width] + by_size[:width]}.values())
-    best, choice = -np.inf, None
+    by_score = list(dict.fromkeys(c.index for c in scored))[:width]
+    by_size = list(dict.fromkeys(c.index for c in sorted(scored, key=lambda c: -len(c.members))))[:width]
+    splits = [c for c in scored if c.index in set(by_score + by_size)]
+    best, choice = (-np.inf, 0), None
     for candidate in splits:
         gain = 0.5 * max(candidate.score, 0.0) / ref.ws.noise_var
         for slot in np.argsort(costs)[:width]:
             slot = int(slot)
-            if slot == candidate.index or (slot, candidate.index) in rejected:
+            if slot == candidate.index or (slot, candidate.index, candidate.part) in rejected:
                 continue
-            if gain - costs[slot] > best:
-                best, choice = gain - costs[slot], (slot, candidate)
+            # equal predictions (nothing above the noise edge): the larger class first
+            if (gain - costs[slot], len(candidate.members)) > best:
+                best, choice = (gain - costs[slot], len(candidate.members)), (slot, candidate)
     return choice

@@ -152,6 +152,28 @@ def test_a_move_undoes_merged_and_split_views(hvr_set):
 
 
 @needs_structures
+def test_evidence_charges_a_split_view_that_the_likelihood_rewards(hvr_set):
+    # a 7th class taking half of view 0: each half fits its own noise, so the maximum likelihood
+    # rises; the evidence (references integrated out) must fall, by about what one class costs
+    ref = refiner_for(hvr_set)
+    views = template_state(ref, hvr_set)
+    for _ in range(2):
+        views = ref.em_step(views.refs, views.log_prior, floor=0.0)
+    labels = posterior(views.loglik, views.log_prior).argmax(1)
+    poses = views.best_pose[np.arange(len(labels)), labels]
+    halves = labels.copy()
+    halves[np.nonzero(labels == 0)[0][::2]] = 6                      # view 0 dealt into two classes
+    refs = ref.references(ref.statistics_from_labels(halves, poses, n_classes=7))
+    split = EMState(refs, np.log(np.bincount(halves, minlength=7) / len(halves)), None, None)
+    for _ in range(3):
+        split = ref.em_step(split.refs, split.log_prior, floor=0.0)
+    ev_views, power = ref.log_evidence(views)
+    ev_split, _ = ref.log_evidence(split, power)
+    assert total_log_likelihood(split) > total_log_likelihood(views)
+    assert ev_split < ev_views - 20, (ev_split, ev_views)
+
+
+@needs_structures
 def test_split_keeps_the_priors_finite_and_normalised(hvr_set):
     ref = refiner_for(hvr_set)
     state = template_state(ref, hvr_set)
