@@ -11,7 +11,7 @@ from cryo_drvae.ctf import CtfParams, ctf_images
 from cryo_drvae.fourier import alignment_mask, circular_mask, lowpass, shell_index, shell_mean
 from cryo_drvae.preprocess import Preparation, WorkingSet
 from cryo_drvae.refine import Refiner
-from cryo_drvae.splitting import aligned_members, effective_dimension, member_residuals, split_score
+from cryo_drvae.splitting import aligned_members, effective_dimension, member_residuals, split_score, tails, two_means
 from cryo_drvae.store import RowStore
 
 BOX, PIXEL, NOISE_VAR = 32, 6.0, 0.25
@@ -93,3 +93,24 @@ def test_defocus_and_amplitude_are_not_heterogeneity_but_a_second_structure_is()
     mixed = lowpass((0.75 * first + 0.25 * second)[None], BOX // 2)[0] * ref.solvent_mask
     residual, _ = split_score(member_residuals(ref, members, pose, mixed, BOX // 2), NOISE_VAR, d_eff)
     assert residual > 0
+
+
+def test_a_small_group_below_the_noise_edge_lands_in_one_tail_not_in_a_half():
+    # 540 members of one structure + 60 of another, displaced along one direction by less than the
+    # noise: the 2-means halves each get about half of the minority, one tail of the first principal
+    # component most of it (what a move re-seeds a class from)
+    rng = np.random.default_rng(3)
+    d, n_major, n_minor = 400, 540, 60
+    direction = rng.normal(size=d)
+    direction /= np.linalg.norm(direction)
+    x = rng.normal(size=(n_major + n_minor, d))
+    x[n_major:] += 4.0 * direction
+    x = torch.from_numpy(x).float()
+    _, vt = split_score(x, 1.0)
+    minority = np.arange(n_major + n_minor) >= n_major
+    half = two_means(x, vt)
+    low, high = tails(x, vt)
+    tail_purity = max(minority[low].mean(), minority[high].mean())
+    half_purity = max(minority[half].mean(), minority[~half].mean())
+    assert (low.sum(), high.sum()) == (60, 60) and not (low & high).any()
+    assert tail_purity >= 0.6 and tail_purity >= 2 * half_purity, (tail_purity, half_purity)
