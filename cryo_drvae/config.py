@@ -42,7 +42,7 @@ def parse_gpu(gpu: str | None) -> str:
     ``""`` -> ``cuda:0``; ``"0,1"`` or ``"0:1"`` -> ``cuda:0,1`` (under torchrun rank r uses the r-th id).
 
     Only the spelling is checked here; whether CUDA and those GPUs exist is checked when the run
-    starts (``pipeline.resolve_device``): a missing GPU is an error, never a silent CPU run.
+    starts (``runtime.resolve_device``): a missing GPU is an error, never a silent CPU run.
     """
     if gpu is None:
         return "cpu"

@@ -189,7 +189,7 @@ def test_gpu_without_cuda_fails_the_job_as_it_fails_classify(project, logs, monk
 
 def test_a_gpu_id_beyond_the_visible_ones_is_a_config_error(monkeypatch):
     torch = pytest.importorskip("torch")
-    from cryo_drvae.pipeline import resolve_device
+    from cryo_drvae.runtime import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ej.ConfigError, match="device 3 requested but only 2"):
