@@ -9,20 +9,33 @@ change between the interrupted and the resumed run.
 
 >>> save_checkpoint(path, state_dict, settings(cfg), input_fingerprint(table))
 >>> state = load_checkpoint(path, settings(cfg), input_fingerprint(table))
+
+A run's ``RoundState`` goes to ``<o>_checkpoint.pt`` after every round, as such a plain dict:
+
+>>> save_round_state(cfg, state, comm, fingerprint)
+>>> state = load_round_state(cfg, fingerprint)      # None when there is no checkpoint yet
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .config import RunConfig, flag
+from .distributed import Comm
 from .errors import ConfigError, InputFileError
+
+if TYPE_CHECKING:
+    from .refine import Assignment
+
+logger = logging.getLogger(__name__)
 
 FORMAT = 2
 #: Config fields that do not change the result, so a resumed run may change them.
@@ -112,3 +125,60 @@ def _show(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return flag(name) if value else f"no {flag(name)}"
     return f"{flag(name)} {value}"
+
+
+@dataclasses.dataclass
+class RoundState:
+    """What a checkpoint holds between rounds."""
+
+    round: int
+    assignment: Assignment
+    references: torch.Tensor
+    log_prior: np.ndarray
+    history: list[dict]
+    denoiser: dict | None
+
+
+def checkpoint_path(cfg: RunConfig) -> Path:
+    return Path(f"{cfg.output_prefix}_checkpoint.pt")
+
+
+def save_round_state(cfg: RunConfig, state: RoundState, comm: Comm = Comm(),
+                     fingerprint: dict | None = None) -> None:
+    """The round state as a plain dict, with the settings and input it belongs to (rank 0 writes)."""
+    if not comm.is_main:
+        return
+    save_checkpoint(checkpoint_path(cfg), _plain(state), settings(cfg), fingerprint or {})
+
+
+def load_round_state(cfg: RunConfig, fingerprint: dict) -> RoundState | None:
+    """The last round's state if ``<o>_checkpoint.pt`` exists and belongs to this run and input."""
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        logger.info("--continue: no checkpoint at %s, starting from the beginning", path)
+        return None
+    state = _round_state(load_checkpoint(path, settings(cfg), fingerprint))
+    logger.info("--continue: resuming after round %d from %s", state.round, path)
+    return state
+
+
+def _plain(state: RoundState) -> dict[str, Any]:
+    a = state.assignment
+    return {"round": state.round, "labels": torch.from_numpy(np.asarray(a.labels, np.int64)),
+            "pose": torch.from_numpy(np.asarray(a.pose, np.int64)),
+            "cost": torch.from_numpy(np.asarray(a.cost, np.float64)),
+            "confidence": torch.from_numpy(np.asarray(a.confidence, np.float64)),
+            "references": state.references.detach().cpu(),
+            "log_prior": torch.from_numpy(np.asarray(state.log_prior, np.float64)),
+            "history": [{k: v.item() if hasattr(v, "item") else v for k, v in e.items()}
+                        for e in state.history],
+            "denoiser": state.denoiser}
+
+
+def _round_state(saved: dict[str, Any]) -> RoundState:
+    from .refine import Assignment   # here, so that this module does not import the refinement
+
+    assignment = Assignment(saved["labels"].numpy(), saved["pose"].numpy(), saved["cost"].numpy(),
+                            saved["confidence"].numpy())
+    return RoundState(int(saved["round"]), assignment, saved["references"], saved["log_prior"].numpy(),
+                      list(saved["history"]), saved["denoiser"])

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 from . import __version__, checks, checkpoint, plots
 from .alignment import to_relion_pose, transform_images
 from .averaging import class_averages
+from .checkpoint import RoundState
 from .clustering import reliable_mask
 from .config import RunConfig
 from .cs_io import read_any, write_cs_outputs
@@ -51,18 +52,6 @@ class RunResult:
     n_rounds: int = 0              # refinement rounds actually run (fewer than --iter when converged)
 
 
-@dataclass
-class RoundState:
-    """What a checkpoint holds between rounds."""
-
-    round: int
-    assignment: Assignment
-    references: torch.Tensor
-    log_prior: np.ndarray
-    history: list[dict]
-    denoiser: dict | None
-
-
 def run(cfg: RunConfig, should_abort: Callable[[], bool] | None = None) -> RunResult:
     """Classify the particles of ``cfg.data.particles_star`` and write all outputs.
 
@@ -90,7 +79,7 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
                              pixel_size=cfg.data.pixel_size or None)
             check_class_count(table, cfg)
             fingerprint = checkpoint.input_fingerprint(table.path, len(table))
-            state = load_checkpoint(cfg, fingerprint) if cfg.continue_run else None   # refuse early
+            state = checkpoint.load_round_state(cfg, fingerprint) if cfg.continue_run else None   # refuse early
             checks.warn_duplicate_rows(table)
             stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
             ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
@@ -112,7 +101,7 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
             with timer("cluster"):
                 state = initial_classes(init_ws, denoiser, cfg, device, comm, abort)
             state.assignment = spread_labels(state.assignment, init_ws.particles, stack.n_particles)
-            save_checkpoint(cfg, state, comm, fingerprint)
+            checkpoint.save_round_state(cfg, state, comm, fingerprint)
         state = refinement_rounds(refiner, ws, state, denoiser, cfg, timer, abort, fingerprint)
         with timer("average"):
             result = final_result(stack, ctf, pixel_size, ws, refiner, state, abort)
@@ -233,7 +222,7 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
         entry.update(class_size_min=int(sizes.min()), class_size_max=int(sizes.max()))
         state = RoundState(state.round + 1, assignment, step.refs, step.log_prior, state.history + [entry],
                            denoiser.state_dict() if denoiser else None)
-        save_checkpoint(cfg, state, refiner.comm, fingerprint)
+        checkpoint.save_round_state(cfg, state, refiner.comm, fingerprint)
         took = time.perf_counter() - started
         logger.info("round %d/%d: %.1f%% of labels changed, class sizes %d-%d, %.1f s "
                     "(%.0f particles/s; at most %.0f s left)", state.round, cfg.cluster.n_rounds,
@@ -323,7 +312,7 @@ def write_everything(cfg: RunConfig, table: ParticleTable, result: Classificatio
     every one is written."""
     with staged_outputs():
         paths = _write_all(cfg, table, result)
-    checkpoint_path(cfg).unlink(missing_ok=True)
+    checkpoint.checkpoint_path(cfg).unlink(missing_ok=True)
     return paths
 
 
@@ -340,39 +329,3 @@ def _write_all(cfg: RunConfig, table: ParticleTable, result: ClassificationResul
     paths.update(write_cs_outputs(prefix, table, result, seed=cfg.seed, force=cfg.data.cs_out))
     paths.update(write_run_outputs(prefix, table, result))
     return paths
-
-
-def checkpoint_path(cfg: RunConfig) -> Path:
-    return Path(f"{cfg.output_prefix}_checkpoint.pt")
-
-
-def save_checkpoint(cfg: RunConfig, state: RoundState, comm: Comm = Comm(),
-                    fingerprint: dict | None = None) -> None:
-    """The round state as a plain dict, with the settings and input it belongs to."""
-    if not comm.is_main:
-        return
-    a = state.assignment
-    plain = {"round": state.round, "labels": torch.from_numpy(np.asarray(a.labels, np.int64)),
-             "pose": torch.from_numpy(np.asarray(a.pose, np.int64)),
-             "cost": torch.from_numpy(np.asarray(a.cost, np.float64)),
-             "confidence": torch.from_numpy(np.asarray(a.confidence, np.float64)),
-             "references": state.references.detach().cpu(),
-             "log_prior": torch.from_numpy(np.asarray(state.log_prior, np.float64)),
-             "history": [{k: v.item() if hasattr(v, "item") else v for k, v in e.items()}
-                         for e in state.history],
-             "denoiser": state.denoiser}
-    checkpoint.save_checkpoint(checkpoint_path(cfg), plain, checkpoint.settings(cfg), fingerprint or {})
-
-
-def load_checkpoint(cfg: RunConfig, fingerprint: dict) -> RoundState | None:
-    """The last round's state if ``<o>_checkpoint.pt`` exists and belongs to this run and input."""
-    path = checkpoint_path(cfg)
-    if not path.exists():
-        logger.info("--continue: no checkpoint at %s, starting from the beginning", path)
-        return None
-    saved = checkpoint.load_checkpoint(path, checkpoint.settings(cfg), fingerprint)
-    assignment = Assignment(saved["labels"].numpy(), saved["pose"].numpy(), saved["cost"].numpy(),
-                            saved["confidence"].numpy())
-    logger.info("--continue: resuming after round %d from %s", saved["round"], path)
-    return RoundState(int(saved["round"]), assignment, saved["references"], saved["log_prior"].numpy(),
-                      list(saved["history"]), saved["denoiser"])

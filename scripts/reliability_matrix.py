@@ -53,14 +53,14 @@ PRELUDES = {
                       "def _wl(h, b):\n    if len(b) < 100: return _l(h, b)\n    h.write('loop_')\n"
                       "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
                       "star_io._write_loop = _wl\n"),
-    "sigterm": ("import os, signal\nfrom cryo_drvae import pipeline\n_s = pipeline.save_checkpoint\n"
+    "sigterm": ("import os, signal\nfrom cryo_drvae import checkpoint\n_s = checkpoint.save_round_state\n"
                 "def _save(cfg, state, *a, **k):\n    _s(cfg, state, *a, **k)\n"
                 "    if state.round == 1: os.kill(os.getpid(), signal.SIGTERM)\n"
-                "pipeline.save_checkpoint = _save\n"),
-    "stop_round1": ("from cryo_drvae import pipeline\n_s = pipeline.save_checkpoint\n"
+                "checkpoint.save_round_state = _save\n"),
+    "stop_round1": ("from cryo_drvae import checkpoint\n_s = checkpoint.save_round_state\n"
                     "def _save(cfg, state, *a, **k):\n    _s(cfg, state, *a, **k)\n"
                     "    if state.round == 1: raise KeyboardInterrupt\n"
-                    "pipeline.save_checkpoint = _save\n"),
+                    "checkpoint.save_round_state = _save\n"),
 }
 
 

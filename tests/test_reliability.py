@@ -222,19 +222,19 @@ def test_float64_data_under_a_float32_header_is_refused(data, tmp_path):
 @pytest.fixture
 def interrupted(data, tmp_path, monkeypatch):
     """A run stopped after round 1: its checkpoint, no outputs."""
-    from cryo_drvae import pipeline
+    from cryo_drvae import checkpoint
 
-    real = pipeline.save_checkpoint
+    real = checkpoint.save_round_state
 
     def stop_after_round_one(cfg, state, *args, **kwargs):
         real(cfg, state, *args, **kwargs)
         if state.round == 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline, "save_checkpoint", stop_after_round_one)
+    monkeypatch.setattr(checkpoint, "save_round_state", stop_after_round_one)
     prefix = tmp_path / "out" / "run"
     result = classify(data / "particles.star", prefix, "--iter", "3")
     assert result.exit_code == 130 and "--continue" in last_line(result), result.output
-    monkeypatch.setattr(pipeline, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_round_state", real)
     return data, prefix
 
 
@@ -356,14 +356,14 @@ def test_errors_reach_run_log(data, tmp_path):
 
 SIGTERM_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from cryo_drvae import pipeline
+    from cryo_drvae import checkpoint
     from cryo_drvae.cli import main
-    real = pipeline.save_checkpoint
+    real = checkpoint.save_round_state
     def save_then_term(cfg, state, *args, **kwargs):
         real(cfg, state, *args, **kwargs)
         if state.round == 1:
             os.kill(os.getpid(), signal.SIGTERM)      # what SLURM sends at the time limit
-    pipeline.save_checkpoint = save_then_term
+    checkpoint.save_round_state = save_then_term
     sys.argv = ["cryo-drvae"] + sys.argv[1:]
     main()
 """)
