@@ -19,10 +19,9 @@ import torch
 from numpy.typing import NDArray
 
 from . import __version__, checks, checkpoint, plots
-from .alignment import to_relion_pose, transform_images
+from .alignment import to_relion_pose
 from .averaging import class_averages
 from .checkpoint import RoundState
-from .clustering import reliable_mask
 from .config import RunConfig
 from .cs_io import read_any, write_cs_outputs
 from .ctf import params_from_particles
@@ -37,7 +36,7 @@ from .runtime import StageTimer, loader_workers, remove_scratch, scratch_folder,
 from .splitting import grow_classes
 from .stack import ParticleStack
 from .star_io import ParticleTable, pixel_sizes
-from .train import Denoiser, TrainingPairs
+from .train import Denoiser, TrainingPairs, pseudo_target_training
 
 logger = logging.getLogger(__name__)
 
@@ -251,41 +250,6 @@ def changed_fraction(before: NDArray, after: NDArray) -> float:
         return 1.0
     known = before >= 0
     return float(np.mean(before[known] != after[known])) if known.any() else 1.0
-
-
-def pseudo_target_training(refiner: Refiner, ws: WorkingSet, assignment: Assignment, centres: torch.Tensor,
-                           denoiser: Denoiser, cfg: RunConfig, abort: Callable[[], bool]) -> float:
-    """Step 3: reliable particles learn towards their class average (``centres``) placed at their pose."""
-    reliable = reliable_mask(assignment.cost, assignment.labels, cfg.cluster.reliable_fraction)
-    mine = refiner.comm.shard(refiner.n_total)
-    psi, shift = refiner.grid.decode(assignment.pose[mine])
-    target = PseudoTargets(centres, assignment.labels[mine], reliable[mine], psi, shift,
-                           cfg.train.pseudo_target_weight)
-    return denoiser.train(TrainingPairs(ws.flipped, target), cfg.train.epochs_per_round, abort)
-
-
-@dataclass
-class PseudoTargets:
-    """Targets of step 3: for reliable particles, a blend with their class centre placed at their pose."""
-
-    centres: torch.Tensor      # (K, W, W)
-    labels: NDArray
-    reliable: NDArray
-    psi: NDArray
-    shift: NDArray
-    weight: float
-
-    def __call__(self, rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        pick = self.reliable[rows.numpy()]
-        if not pick.any():
-            return images
-        index = rows.numpy()[pick]
-        placed = transform_images(self.centres[torch.from_numpy(self.labels[index])],
-                                  torch.from_numpy(self.psi[index]).float(),
-                                  torch.from_numpy(self.shift[index]).float())
-        targets = images.clone()
-        targets[torch.from_numpy(pick)] = (1 - self.weight) * images[torch.from_numpy(pick)] + self.weight * placed
-        return targets
 
 
 def final_result(stack: ParticleStack, ctf, pixel_size: float, ws: WorkingSet, refiner: Refiner,

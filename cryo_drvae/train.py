@@ -3,23 +3,33 @@
 ``Denoiser`` owns the network, its optimizer and a seeded generator, so that training can
 stop after any round, be checkpointed, and continue with pseudo targets. Under ``torchrun`` the
 network is wrapped in DistributedDataParallel and each rank trains on its own particles.
+``pseudo_target_training`` is a round's step 3: ``PseudoTargets`` pull reliable particles towards
+their class average placed at their pose.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
+from numpy.typing import NDArray
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from .config import TrainConfig
+from .alignment import transform_images
+from .clustering import reliable_mask
+from .config import RunConfig, TrainConfig
 from .distributed import Comm
 from .errors import AbortRequested
 from .model import DRVAE, drvae_loss
 from .progress import bar as tqdm
 from .store import RowStore
+
+if TYPE_CHECKING:
+    from .preprocess import WorkingSet
+    from .refine import Assignment, Refiner
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +134,38 @@ class Denoiser:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.epochs_done = int(state["epochs_done"])
+
+
+def pseudo_target_training(refiner: Refiner, ws: WorkingSet, assignment: Assignment, centres: torch.Tensor,
+                           denoiser: Denoiser, cfg: RunConfig, abort: Callable[[], bool]) -> float:
+    """Step 3: reliable particles learn towards their class average (``centres``) placed at their pose."""
+    reliable = reliable_mask(assignment.cost, assignment.labels, cfg.cluster.reliable_fraction)
+    mine = refiner.comm.shard(refiner.n_total)
+    psi, shift = refiner.grid.decode(assignment.pose[mine])
+    target = PseudoTargets(centres, assignment.labels[mine], reliable[mine], psi, shift,
+                           cfg.train.pseudo_target_weight)
+    return denoiser.train(TrainingPairs(ws.flipped, target), cfg.train.epochs_per_round, abort)
+
+
+@dataclass
+class PseudoTargets:
+    """Targets of step 3: for reliable particles, a blend with their class centre placed at their pose."""
+
+    centres: torch.Tensor      # (K, W, W)
+    labels: NDArray
+    reliable: NDArray
+    psi: NDArray
+    shift: NDArray
+    weight: float
+
+    def __call__(self, rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        pick = self.reliable[rows.numpy()]
+        if not pick.any():
+            return images
+        index = rows.numpy()[pick]
+        placed = transform_images(self.centres[torch.from_numpy(self.labels[index])],
+                                  torch.from_numpy(self.psi[index]).float(),
+                                  torch.from_numpy(self.shift[index]).float())
+        targets = images.clone()
+        targets[torch.from_numpy(pick)] = (1 - self.weight) * images[torch.from_numpy(pick)] + self.weight * placed
+        return targets
