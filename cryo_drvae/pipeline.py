@@ -1,8 +1,10 @@
-"""The classification job: particles STAR in, Class2D-style outputs out.
+"""The classification job: particles STAR (or cryoSPARC .cs) in, Class2D-style outputs out.
 
-``run`` reads top to bottom: read, prepare, train the DRVAE, BSK-means++ under alignment,
-rounds of CTF-aware refinement with pseudo-target DRVAE training, full-size averages, write.
-A checkpoint after every round lets ``continue_run`` resume an interrupted job.
+``classify`` calls the stages of the data path in order: read the particles (STAR or .cs), open
+their stack, read the CTF, prepare the working set, train the DRVAE (``--drvae``), find the first
+classes, run the refinement rounds, compute the full-size averages, write the outputs.
+Run set-up is in ``runtime.py``; the round state is checkpointed (``checkpoint.py``) after the
+first classes and after every round, so ``--continue`` resumes an interrupted job.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .averaging import class_averages
 from .checkpoint import RoundState
 from .config import RunConfig
 from .cs_io import read_any, write_cs_outputs
-from .ctf import params_from_particles
+from .ctf import CtfParams, params_from_particles
 from .distributed import Comm, init_comm, shutdown
 from .errors import AbortRequested, ConfigError, InputFileError
 from .guard import claim_prefix
@@ -65,6 +67,7 @@ def run(cfg: RunConfig, should_abort: Callable[[], bool] | None = None) -> RunRe
 
 
 def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult:
+    """The stages of the data path, top to bottom (every rank; rank 0 writes)."""
     timer = StageTimer()
     device = set_up(cfg, comm)
     logger.info("cryo-drvae %s: %s", __version__, " ".join(sys.argv))
@@ -74,23 +77,13 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
     ws: WorkingSet | None = None
     try:
         with timer("read"):
-            table = read_any(cfg.data.particles_star, cfg.data.data_dir,   # STAR or cryoSPARC .cs
-                             pixel_size=cfg.data.pixel_size or None)
-            check_class_count(table, cfg)
+            table = read_particles(cfg)
             fingerprint = checkpoint.input_fingerprint(table.path, len(table))
             state = checkpoint.load_round_state(cfg, fingerprint) if cfg.continue_run else None   # refuse early
-            checks.warn_duplicate_rows(table)
-            stack = ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
-            ctf = params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
+            stack = read_stack(table, cfg)
+            ctf = read_ctf(table, cfg)
             pixel_size = single_pixel_size(table)
-            diameter = cfg.diameter_angst(stack.box_size, pixel_size)
-            checks.check_particle_diameter(diameter, stack.box_size, pixel_size)
-            stack.normalise(checks.background_radius_px(diameter, stack.box_size, pixel_size))
-            box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box, diameter)
-            plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
-            mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
-            ws = prepare_working_set(stack, plan, mine, scratch, loader_workers(cfg, len(mine)),
-                                     should_abort=abort)
+            plan, ws = prepare(stack, ctf, pixel_size, cfg, comm, scratch, abort)
         refiner = Refiner(ws, cfg.cluster, device, comm, n_total=stack.n_particles)
         denoiser = make_denoiser(ws, cfg, device, comm, state)
         if state is None:
@@ -117,6 +110,52 @@ def classify(cfg: RunConfig, comm: Comm, abort: Callable[[], bool]) -> RunResult
     return RunResult(paths, result, timer.times, n_rounds=state.round)
 
 
+def read_particles(cfg: RunConfig) -> ParticleTable:
+    """The particle table of ``--i``, a STAR or cryoSPARC .cs file."""
+    table = read_any(cfg.data.particles_star, cfg.data.data_dir, pixel_size=cfg.data.pixel_size or None)
+    check_class_count(table, cfg)
+    return table
+
+
+def check_class_count(table: ParticleTable, cfg: RunConfig) -> None:
+    if cfg.cluster.n_classes > len(table):
+        raise ConfigError(f"{table.path}: --K {cfg.cluster.n_classes} is larger than the number of "
+                          f"particles ({len(table)}); choose --K <= {len(table)}")
+
+
+def read_stack(table: ParticleTable, cfg: RunConfig) -> ParticleStack:
+    """The images of the table's rows (rows that repeat an image are warned about first)."""
+    checks.warn_duplicate_rows(table)
+    return ParticleStack.from_table(table, data_dir=cfg.data.data_dir)
+
+
+def read_ctf(table: ParticleTable, cfg: RunConfig) -> CtfParams | None:
+    """Per-particle CTF parameters (None with ``--no_ctf``)."""
+    return params_from_particles(table.per_particle(), str(table.path)) if cfg.data.use_ctf else None
+
+
+def single_pixel_size(table: ParticleTable) -> float:
+    sizes = pixel_sizes(table)
+    if not np.allclose(sizes, sizes[0], rtol=1e-3):
+        raise InputFileError(f"{table.path}: optics groups have different pixel sizes "
+                             f"({sizes.min():.3f}-{sizes.max():.3f} Å); classify them separately or "
+                             f"re-extract at one pixel size")
+    return float(sizes[0])
+
+
+def prepare(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, cfg: RunConfig, comm: Comm,
+            scratch: Path | None, abort: Callable[[], bool]) -> tuple[Preparation, WorkingSet]:
+    """Normalise the stack, plan the working box, and prepare this rank's share of the particles."""
+    diameter = cfg.diameter_angst(stack.box_size, pixel_size)
+    checks.check_particle_diameter(diameter, stack.box_size, pixel_size)
+    stack.normalise(checks.background_radius_px(diameter, stack.box_size, pixel_size))
+    box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box, diameter)
+    plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
+    mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
+    return plan, prepare_working_set(stack, plan, mine, scratch, loader_workers(cfg, len(mine)),
+                                     should_abort=abort)
+
+
 def initial_working_set(stack: ParticleStack, plan: Preparation, ws: WorkingSet, cfg: RunConfig,
                         comm: Comm, abort: Callable[[], bool]) -> WorkingSet:
     """The seeded random subset the first classes are found on, in RAM (the same on every rank)."""
@@ -130,21 +169,6 @@ def initial_working_set(stack: ParticleStack, plan: Preparation, ws: WorkingSet,
     if len(ws) < n:          # a rank of several holds only its shard: read the subset again
         return prepare_working_set(stack, plan, chosen, None, loader_workers(cfg, size), should_abort=abort)
     return ws if size == n and ws.flipped.tensor is not None else ws.subset(chosen)
-
-
-def check_class_count(table: ParticleTable, cfg: RunConfig) -> None:
-    if cfg.cluster.n_classes > len(table):
-        raise ConfigError(f"{table.path}: --K {cfg.cluster.n_classes} is larger than the number of "
-                          f"particles ({len(table)}); choose --K <= {len(table)}")
-
-
-def single_pixel_size(table: ParticleTable) -> float:
-    sizes = pixel_sizes(table)
-    if not np.allclose(sizes, sizes[0], rtol=1e-3):
-        raise InputFileError(f"{table.path}: optics groups have different pixel sizes "
-                             f"({sizes.min():.3f}-{sizes.max():.3f} Å); classify them separately or "
-                             f"re-extract at one pixel size")
-    return float(sizes[0])
 
 
 def make_denoiser(ws: WorkingSet, cfg: RunConfig, device: torch.device, comm: Comm,
@@ -202,6 +226,14 @@ def initial_classes(init_ws: WorkingSet, denoiser: Denoiser | None, cfg: RunConf
                       denoiser.state_dict() if denoiser else None)
 
 
+def spread_labels(start: Assignment, rows: NDArray, n_total: int) -> Assignment:
+    """The first classes' labels of the subset ``rows`` (table rows) on all ``n_total`` particles,
+    -1 for particles the first classes were not found on."""
+    labels = np.full(n_total, -1, dtype=np.int64)
+    labels[np.asarray(rows, np.int64)] = start.labels
+    return Assignment(labels, np.zeros(n_total, np.int64), np.zeros(n_total), np.zeros(n_total))
+
+
 def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoiser: Denoiser | None,
                       cfg: RunConfig, timer: StageTimer, abort: Callable[[], bool],
                       fingerprint: dict | None = None) -> RoundState:
@@ -235,14 +267,6 @@ def refinement_rounds(refiner: Refiner, ws: WorkingSet, state: RoundState, denoi
     return state
 
 
-def spread_labels(start: Assignment, rows: NDArray, n_total: int) -> Assignment:
-    """The first classes' labels of the subset ``rows`` (table rows) on all ``n_total`` particles,
-    -1 for particles the first classes were not found on."""
-    labels = np.full(n_total, -1, dtype=np.int64)
-    labels[np.asarray(rows, np.int64)] = start.labels
-    return Assignment(labels, np.zeros(n_total, np.int64), np.zeros(n_total), np.zeros(n_total))
-
-
 def changed_fraction(before: NDArray, after: NDArray) -> float:
     """Share of particles whose label changed, among those that had one (-1 = none yet);
     all of them when none had one."""
@@ -252,7 +276,7 @@ def changed_fraction(before: NDArray, after: NDArray) -> float:
     return float(np.mean(before[known] != after[known])) if known.any() else 1.0
 
 
-def final_result(stack: ParticleStack, ctf, pixel_size: float, ws: WorkingSet, refiner: Refiner,
+def final_result(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, ws: WorkingSet, refiner: Refiner,
                  state: RoundState, abort: Callable[[], bool]) -> ClassificationResult:
     """Full-size averages from the final poses, converted to RELION's conventions."""
     assignment = state.assignment
