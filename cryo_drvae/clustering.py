@@ -1,7 +1,9 @@
-"""Balance-size K-means++ (BSK-means++) for the latent codes of the DRVAE.
+"""Balance-size K-means++ (BSK-means++): the package's one K-means++ seeding and Lloyd loop.
 
 Lloyd iterations whose assignment step keeps every cluster size between bounds set by one
-``balance`` parameter (Yan et al., IEEE TMI 2023), plus the K-means++ seeding it starts from.
+``balance`` parameter (Yan et al., IEEE TMI 2023), from K-means++ seeds: :func:`bsk_means`, in any
+:class:`Metric`. :class:`BalancedKMeans` is the scikit-learn estimator in the Euclidean metric (DRVAE
+latents); ``refine.Refiner.cluster_denoised`` runs the same loop on images aligned over poses.
 
 Example
 -------
@@ -16,6 +18,8 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -27,9 +31,13 @@ from sklearn.utils.validation import _check_sample_weight, check_array, check_is
 from cryo_drvae.errors import ConfigError
 
 __all__ = [
+    "BSKRun",
     "BalancedKMeans",
+    "EuclideanMetric",
+    "Metric",
     "balanced_assignment",
-    "kmeans_plusplus_from_distance",
+    "bsk_means",
+    "kmeans_plusplus_indices",
     "kmeans_plusplus_init",
     "reliable_mask",
     "size_bounds",
@@ -444,24 +452,33 @@ class _ExactRepair:
 # K-means++ seeding
 # ---------------------------------------------------------------------------------------------
 def kmeans_plusplus_indices(
-    sq_dist_rows: Callable[[NDArray[np.intp]], NDArray],
+    sq_dist_rows: Callable[[NDArray[np.intp]], ArrayLike],
     n_samples: int,
     n_clusters: int,
     rng: np.random.Generator,
-    sample_weight: NDArray[np.float64] | None,
-    n_local_trials: int | None,
+    *,
+    sample_weight: ArrayLike | None = None,
+    n_local_trials: int | None = None,
 ) -> NDArray[np.intp]:
     """Greedy K-means++ (D^2 sampling, best of several candidates per step, as in sklearn): the one
-    seeding of the package. ``sq_dist_rows(idx)`` returns the squared distances ``(len(idx), n_samples)``
-    from the samples ``idx`` to every sample (any distance: Euclidean, or minimised over poses)."""
+    seeding of the package; returns the indices of the seeds.
+
+    ``sq_dist_rows(idx)`` gives the squared distances ``(len(idx), n_samples)`` from the samples
+    ``idx`` to every sample, in any metric (negative round-off counts as 0).
+    ``n_local_trials`` defaults to ``2 + log(n_clusters)``.
+    """
     if n_clusters > n_samples:
         raise ValueError(f"need at least n_clusters={n_clusters} samples, got {n_samples}")
     w = np.ones(n_samples) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if n_local_trials is None:
         n_local_trials = 2 + int(np.log(n_clusters))
+
+    def rows(idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        return np.maximum(np.asarray(sq_dist_rows(idx), dtype=np.float64), 0.0)
+
     centres = np.empty(n_clusters, dtype=np.intp)
     centres[0] = rng.choice(n_samples, p=w / w.sum())
-    closest = np.asarray(sq_dist_rows(centres[:1])[0], dtype=np.float64)
+    closest = rows(centres[:1])[0]
     pot = float(np.dot(w, closest))
     for c in range(1, n_clusters):
         if pot > 0:
@@ -470,88 +487,146 @@ def kmeans_plusplus_indices(
             cand = np.minimum(cand, n_samples - 1)
         else:  # every sample sits on a centre: any point is as good as another
             cand = rng.choice(n_samples, size=n_local_trials)
-        d = np.minimum(closest, np.asarray(sq_dist_rows(cand), dtype=np.float64))
+        d = np.minimum(closest, rows(cand))
         pots = d @ w
         best = int(np.argmin(pots))
         centres[c], closest, pot = cand[best], d[best], float(pots[best])
     return centres
 
 
-def kmeans_plusplus_init(
-    X: ArrayLike,
-    n_clusters: int,
-    rng: np.random.Generator,
-    *,
-    sample_weight: ArrayLike | None = None,
-    n_local_trials: int | None = None,
-) -> NDArray[np.floating]:
-    """K-means++ initial centres (greedy D^2 sampling).
-
-    Parameters
-    ----------
-    X : array-like of shape (n_samples, n_features)
-    n_clusters : int
-    rng : numpy.random.Generator
-        Source of randomness (e.g. ``np.random.default_rng(seed)``).
-    sample_weight : array-like of shape (n_samples,), optional
-    n_local_trials : int, optional
-        Candidates per step; default ``2 + log(n_clusters)`` as in scikit-learn.
-
-    Returns
-    -------
-    centres : ndarray of shape (n_clusters, n_features)
-        Rows of ``X``.
-    """
+def kmeans_plusplus_init(X: ArrayLike, n_clusters: int, rng: np.random.Generator, **options: Any) -> NDArray:
+    """K-means++ initial centres of ``X`` (rows of it): :func:`kmeans_plusplus_indices` in the
+    Euclidean metric; ``options`` are its ``sample_weight`` and ``n_local_trials``."""
     X = check_array(X, dtype=[np.float64, np.float32])
-    sq_norms = _row_sq_norms(X)
-
-    def rows(idx: NDArray[np.intp]) -> NDArray:
-        return _sq_distances(X, X[idx], sq_norms).T
-
-    weights = None if sample_weight is None else _check_sample_weight(sample_weight, X)
-    idx = kmeans_plusplus_indices(rows, X.shape[0], n_clusters, rng, weights, n_local_trials)
+    if options.get("sample_weight") is not None:
+        options["sample_weight"] = _check_sample_weight(options["sample_weight"], X)
+    idx = kmeans_plusplus_indices(_seed_rows(EuclideanMetric(X)), X.shape[0], n_clusters, rng, **options)
     return X[idx].copy()
 
 
-def kmeans_plusplus_from_distance(
-    distance_fn: Callable[[int], ArrayLike],
-    n_samples: int,
+def _seed_rows(metric: Metric) -> Callable[[NDArray[np.intp]], NDArray]:
+    """K-means++'s ``sq_dist_rows`` in ``metric``: the samples ``idx`` taken as centres."""
+    return lambda idx: metric.distances(metric.centres_at(idx))[0].T
+
+
+# ---------------------------------------------------------------------------------------------
+# The metric and the Lloyd loop
+# ---------------------------------------------------------------------------------------------
+class Metric(Protocol):
+    """The distance BSK-means++ runs in: :class:`EuclideanMetric`, or minimised over in-plane poses
+    (``refine.AlignedMetric``). Centres may be of any array type."""
+
+    n_samples: int
+
+    def centres_at(self, idx: NDArray[np.intp]) -> Any:
+        """The samples ``idx`` as centres (the K-means++ seeds)."""
+
+    def distances(self, centres: Any) -> tuple[NDArray, Any]:
+        """Squared distances ``(n_samples, K)`` to ``centres``, and side information per pair
+        (e.g. the best pose) or None."""
+
+    def means(self, labels: NDArray[np.intp], dist: NDArray, side: Any, old: Any) -> Any:
+        """New centres from the labels and the ``distances`` result that gave them."""
+
+
+class EuclideanMetric:
+    """Squared Euclidean distances (float32) to the rows of ``X``; centres are the weighted float64
+    means, an empty class moves to the worst-fitted samples."""
+
+    def __init__(self, X: NDArray, sample_weight: NDArray[np.float64] | None = None) -> None:
+        self.X, self.n_samples = X, X.shape[0]
+        self.weights = np.ones(self.n_samples) if sample_weight is None else sample_weight
+        self.sq_norms = _row_sq_norms(X)
+
+    def centres_at(self, idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        return self.X[idx].astype(np.float64)
+
+    def distances(self, centres: NDArray) -> tuple[NDArray[np.float32], None]:
+        return _sq_distances(self.X, centres, self.sq_norms), None
+
+    def means(
+        self, labels: NDArray[np.intp], dist: NDArray[np.float32], side: None, old: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        X, weights, k = self.X, self.weights, old.shape[0]
+        sums = np.zeros((k, X.shape[1]))
+        for start in range(0, X.shape[0], CHUNK_ROWS):
+            sl = slice(start, start + CHUNK_ROWS)
+            lab = labels[sl]
+            onehot = sparse.csr_matrix((weights[sl], (lab, np.arange(lab.size))), shape=(k, lab.size))
+            sums += onehot @ X[sl].astype(np.float64)
+        mass = np.bincount(labels, weights=weights, minlength=k)
+        centres = old.copy()
+        full = mass > 0
+        centres[full] = sums[full] / mass[full, None]
+        empty = np.flatnonzero(~full)
+        if empty.size:  # only possible when min_size == 0
+            own = dist[np.arange(labels.size), labels]
+            far = np.argsort(-own, kind="stable")[: empty.size]
+            centres[empty] = X[far]
+            logger.debug("BSK-means++: %d empty clusters moved to far samples", empty.size)
+        return centres
+
+
+@dataclass
+class BSKRun:
+    """One BSK-means++ run: centres, balanced labels, and the distances (n, K) and side
+    information to those centres that gave the labels."""
+
+    centres: Any
+    labels: NDArray[np.intp]
+    distances: NDArray
+    side: Any
+    n_iter: int
+    converged: bool
+
+    @property
+    def own(self) -> NDArray:
+        """Distance of each sample to its own centre."""
+        return self.distances[np.arange(self.labels.size), self.labels]
+
+
+def bsk_means(
+    metric: Metric,
     n_clusters: int,
+    min_size: int,
+    max_size: int,
     rng: np.random.Generator,
     *,
-    sample_weight: ArrayLike | None = None,
-    n_local_trials: int | None = None,
-) -> NDArray[np.intp]:
-    """K-means++ seeding from a distance function, e.g. rotation-invariant image distances.
+    max_iter: int,
+    tol: float | None = None,
+    sample_weight: NDArray[np.float64] | None = None,
+) -> BSKRun:
+    """One BSK-means++ run in ``metric``, the package's one Lloyd loop: K-means++ seeds, then
+    assignments by :func:`balanced_assignment` within ``[min_size, max_size]`` and centre updates.
 
-    Parameters
-    ----------
-    distance_fn : callable
-        ``distance_fn(i)`` returns the (non-squared) distances from sample ``i`` to all
-        samples, shape ``(n_samples,)``. D^2 sampling squares them.
-    n_samples, n_clusters : int
-    rng : numpy.random.Generator
-    sample_weight : array-like of shape (n_samples,), optional
-    n_local_trials : int, optional
-        Candidates per step (each costs one ``distance_fn`` call); default ``2 + log(n_clusters)``.
-
-    Returns
-    -------
-    indices : ndarray of shape (n_clusters,), intp
-        Indices of the samples chosen as initial centres.
+    Stops when the labels repeat, when the summed squared centre shift is <= ``tol`` (None: not
+    tested), or after ``max_iter`` centre updates; the labels always belong to the final centres.
     """
-
-    def rows(idx: NDArray[np.intp]) -> NDArray:
-        out = np.empty((idx.size, n_samples), dtype=np.float64)
-        for r, i in enumerate(idx):
-            d = np.asarray(distance_fn(int(i)), dtype=np.float64).ravel()
-            if d.size != n_samples:
-                raise ValueError(f"distance_fn({int(i)}) returned {d.size} values, expected {n_samples}")
-            out[r] = d * d
-        return out
-
-    weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    return kmeans_plusplus_indices(rows, n_samples, n_clusters, rng, weights, n_local_trials)
+    seeds = kmeans_plusplus_indices(_seed_rows(metric), metric.n_samples, n_clusters, rng,
+                                    sample_weight=sample_weight)
+    centres = metric.centres_at(seeds)
+    labels = None
+    converged = False
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        dist, side = metric.distances(centres)
+        new_labels = balanced_assignment(dist, min_size, max_size)
+        if labels is not None and np.array_equal(new_labels, labels):
+            converged = True
+            break
+        labels = new_labels
+        new_centres = metric.means(labels, dist, side, centres)
+        shift = None if tol is None else float(((new_centres - centres) ** 2).sum())
+        centres = new_centres
+        if shift is not None and shift <= tol:
+            converged = True
+            dist, side = metric.distances(centres)
+            labels = balanced_assignment(dist, min_size, max_size)
+            break
+    else:  # max_iter reached: labels must match the final centres
+        dist, side = metric.distances(centres)
+        labels = balanced_assignment(dist, min_size, max_size)
+    return BSKRun(centres, labels, dist, side, n_iter, converged)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,10 +662,10 @@ def _sq_distances(X: NDArray, centres: NDArray, x_sq_norms: NDArray[np.float32])
 class BalancedKMeans(ClusterMixin, BaseEstimator):
     """K-means++ whose cluster sizes stay between bounds set by a balance parameter (BSK-means++).
 
-    Every Lloyd iteration assigns samples by :func:`balanced_assignment` on squared Euclidean
-    distances, so each cluster holds between ``floor(balance * n / K)`` and
-    ``ceil(n / (K * balance))`` samples (see :func:`size_bounds`); centres are the (weighted)
-    means. ``balance = 0`` is plain K-means++ / Lloyd.
+    :func:`bsk_means` in the :class:`EuclideanMetric`: every Lloyd iteration assigns samples by
+    :func:`balanced_assignment` on squared Euclidean distances, so each cluster holds between
+    ``floor(balance * n / K)`` and ``ceil(n / (K * balance))`` samples (see :func:`size_bounds`);
+    centres are the (weighted) means. ``balance = 0`` is plain K-means++ / Lloyd.
 
     Parameters
     ----------
@@ -693,22 +768,22 @@ class BalancedKMeans(ClusterMixin, BaseEstimator):
         min_size, max_size = self._check_params(n)
         weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
         rng = np.random.default_rng(self.random_state)
-        x_sq_norms = _row_sq_norms(X)
+        metric = EuclideanMetric(X, weights)
         variances = np.var(X, axis=0, dtype=np.float64)
         tol = float(self.tol * np.mean(variances)) if n_features else 0.0
-        uniform = sample_weight is None
 
-        best: tuple | None = None
+        best: tuple[BSKRun, float] | None = None
         for run in range(self.n_init):
-            rows = lambda idx: _sq_distances(X, X[idx], x_sq_norms).T  # noqa: E731
-            seeds = kmeans_plusplus_indices(rows, n, self.n_clusters, rng, None if uniform else weights, None)
-            result = self._lloyd(X, weights, x_sq_norms, X[seeds].astype(np.float64), min_size, max_size, tol)
-            logger.debug("BalancedKMeans init %d: inertia %.6g after %d iterations", run, result[2], result[3])
-            if best is None or result[2] < best[2]:
-                best = result
+            result = bsk_means(metric, self.n_clusters, min_size, max_size, rng, max_iter=self.max_iter,
+                               tol=tol, sample_weight=weights)
+            inertia = float(np.dot(weights, result.own.astype(np.float64)))
+            logger.debug("BalancedKMeans init %d: inertia %.6g after %d iterations", run, inertia, result.n_iter)
+            if best is None or inertia < best[1]:
+                best = result, inertia
         assert best is not None  # n_init >= 1 was checked
-        centres, labels, inertia, n_iter, own, converged = best
-        if not converged:
+        result, inertia = best
+        centres, labels, n_iter, own = result.centres, result.labels, result.n_iter, result.own
+        if not result.converged:
             warnings.warn(
                 f"BalancedKMeans did not converge in max_iter={self.max_iter} iterations; "
                 "increase max_iter or tol",
@@ -728,70 +803,6 @@ class BalancedKMeans(ClusterMixin, BaseEstimator):
             np.bincount(labels, minlength=self.n_clusters).max(), min_size, max_size, inertia,
         )
         return self
-
-    def _lloyd(
-        self,
-        X: NDArray,
-        weights: NDArray[np.float64],
-        x_sq_norms: NDArray[np.float32],
-        centres: NDArray[np.float64],
-        min_size: int,
-        max_size: int,
-        tol: float,
-    ) -> tuple[NDArray[np.float64], NDArray[np.intp], float, int, NDArray[np.float32], bool]:
-        """One Lloyd run from ``centres``: balanced E-step, weighted-mean M-step."""
-        labels = None
-        converged = False
-        n_iter = 0
-        for n_iter in range(1, self.max_iter + 1):
-            dist = _sq_distances(X, centres, x_sq_norms)
-            new_labels = balanced_assignment(dist, min_size, max_size)
-            if labels is not None and np.array_equal(new_labels, labels):
-                converged = True
-                break
-            labels = new_labels
-            new_centres = self._means(X, weights, labels, centres, dist)
-            shift = float(((new_centres - centres) ** 2).sum())
-            centres = new_centres
-            if shift <= tol:
-                converged = True
-                dist = _sq_distances(X, centres, x_sq_norms)
-                labels = balanced_assignment(dist, min_size, max_size)
-                break
-        else:  # max_iter reached: labels must match the final centres
-            dist = _sq_distances(X, centres, x_sq_norms)
-            labels = balanced_assignment(dist, min_size, max_size)
-        own = dist[np.arange(X.shape[0]), labels]
-        inertia = float(np.dot(weights, own.astype(np.float64)))
-        return centres, labels, inertia, n_iter, own, converged
-
-    def _means(
-        self,
-        X: NDArray,
-        weights: NDArray[np.float64],
-        labels: NDArray[np.intp],
-        old: NDArray[np.float64],
-        dist: NDArray[np.float32],
-    ) -> NDArray[np.float64]:
-        """Weighted class means (float64); empty classes move to the worst-fitted samples."""
-        k = self.n_clusters
-        sums = np.zeros((k, X.shape[1]))
-        for start in range(0, X.shape[0], CHUNK_ROWS):
-            sl = slice(start, start + CHUNK_ROWS)
-            lab = labels[sl]
-            onehot = sparse.csr_matrix((weights[sl], (lab, np.arange(lab.size))), shape=(k, lab.size))
-            sums += onehot @ X[sl].astype(np.float64)
-        mass = np.bincount(labels, weights=weights, minlength=k)
-        centres = old.copy()
-        full = mass > 0
-        centres[full] = sums[full] / mass[full, None]
-        empty = np.flatnonzero(~full)
-        if empty.size:  # only possible when min_size == 0
-            own = dist[np.arange(labels.size), labels]
-            far = np.argsort(-own, kind="stable")[: empty.size]
-            centres[empty] = X[far]
-            logger.debug("BalancedKMeans: %d empty clusters moved to far samples", empty.size)
-        return centres
 
     def predict(self, X: ArrayLike) -> NDArray[np.intp]:
         """Nearest centre for each sample.

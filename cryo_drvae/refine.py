@@ -141,7 +141,7 @@ class Refiner:
         """K-means++ seeds (whole images) with the aligned distance, by the package's one seeding."""
         def sq_dist_rows(idx: NDArray) -> NDArray:
             return self._aligned_distances(points, images[torch.from_numpy(np.asarray(idx))])[0].T.clip(min=0)
-        seeds = kmeans_plusplus_indices(sq_dist_rows, len(points), self.cfg.n_classes, rng, None, None)
+        seeds = kmeans_plusplus_indices(sq_dist_rows, len(points), self.cfg.n_classes, rng)
         return images[torch.from_numpy(seeds)].clone()
 
     # ---- CTF-aware likelihood on raw particles -----------------------------------------

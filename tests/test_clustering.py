@@ -15,7 +15,7 @@ from sklearn.metrics import adjusted_rand_score
 from cryo_drvae.clustering import (
     BalancedKMeans,
     balanced_assignment,
-    kmeans_plusplus_from_distance,
+    kmeans_plusplus_indices,
     kmeans_plusplus_init,
     reliable_mask,
     size_bounds,
@@ -211,10 +211,10 @@ def test_kmeans_plusplus_seeds_one_per_separated_blob():
     owner = y[[int(np.flatnonzero((X == s).all(axis=1))[0]) for s in seeds]]
     assert sorted(owner) == list(range(8))  # uniform sampling would fail this with p > 0.99
 
-    def distance_fn(i: int) -> np.ndarray:
-        return np.sqrt(((X - X[i]) ** 2).sum(axis=1))
+    def sq_dist_rows(idx: np.ndarray) -> np.ndarray:  # any metric: here one sample at a time
+        return np.stack([((X - X[i]) ** 2).sum(axis=1) for i in idx])
 
-    idx = kmeans_plusplus_from_distance(distance_fn, X.shape[0], 8, np.random.default_rng(0))
+    idx = kmeans_plusplus_indices(sq_dist_rows, X.shape[0], 8, np.random.default_rng(0))
     assert sorted(y[idx]) == list(range(8))
-    again = kmeans_plusplus_from_distance(distance_fn, X.shape[0], 8, np.random.default_rng(0))
+    again = kmeans_plusplus_indices(sq_dist_rows, X.shape[0], 8, np.random.default_rng(0))
     np.testing.assert_array_equal(idx, again)
