@@ -2,8 +2,9 @@
 
 Two ways of comparing a particle with a class, both minimised over every in-plane pose:
 
-* ``cluster_denoised``: BSK-means++ on DRVAE-denoised images, with the squared distance
-  ``min_pose ||d_i - T_pose c_k||^2``: K-means++ seeding, balanced assignment, aligned means.
+* ``cluster_denoised``: BSK-means++ on DRVAE-denoised images (the one loop,
+  ``clustering.bsk_means``) in :class:`AlignedMetric`: the squared distance
+  ``min_pose ||d_i - T_pose c_k||^2`` and aligned means.
 * ``Refiner.expectation``: the exact CTF-aware log-likelihood of the raw (whitened) particle
   given a class reference, marginalised over poses; the balanced assignment of the same
   BSK-means++ then turns it into labels, and Wiener-filtered averages become the new centres.
@@ -20,7 +21,7 @@ from numpy.typing import NDArray
 from scipy.special import logsumexp
 
 from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
-from .clustering import balanced_assignment, kmeans_plusplus_indices, size_bounds
+from .clustering import balanced_assignment, bsk_means, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
 from .fourier import centred_radius, lowpass, rfft_weights, shell_index, shell_sum, wiener_filter
@@ -69,6 +70,44 @@ def posterior(loglik: NDArray, log_prior: NDArray) -> NDArray:
     return post / post.sum(1, keepdims=True)
 
 
+class AlignedMetric:
+    """BSK-means++ metric (``clustering.Metric``) of images ``(n, W, W)`` on the refiner's mask:
+    ``min_pose ||d_i - T_pose c_k||^2``, the best pose per pair as side information, and centres
+    ``(K, W, W)`` that are the members' means brought into the class frame."""
+
+    def __init__(self, refiner: Refiner, images: torch.Tensor):
+        self.refiner, self.images, self.n_samples = refiner, images, len(images)
+        self.points = images[:, torch.from_numpy(refiner.mask)].contiguous()   # (n, M)
+        self.point_norms = (self.points ** 2).sum(-1)
+
+    def centres_at(self, idx: NDArray) -> torch.Tensor:
+        return self.images[torch.from_numpy(np.asarray(idx))].clone()
+
+    def distances(self, centres: torch.Tensor) -> tuple[NDArray, NDArray]:
+        ref, points, point_norms = self.refiner, self.points, self.point_norms
+        templates = ref.op.forward(centres)
+        template_norms = (templates ** 2).sum(-1)                       # (K, P)
+        dist = np.empty((len(points), len(centres)))
+        pose = np.empty((len(points), len(centres)), dtype=np.int64)
+        for start in range(0, len(points), ref.batch):
+            chunk = points[start:start + ref.batch].to(ref.device)
+            cost = template_norms[None] - 2.0 * pose_scores(chunk, templates)
+            best, arg = cost.min(dim=2)
+            dist[start:start + len(chunk)] = (best + point_norms[start:start + len(chunk), None].to(best)).cpu()
+            pose[start:start + len(chunk)] = arg.cpu()
+        return dist, pose
+
+    def means(self, labels: NDArray, dist: NDArray, pose: NDArray, old: torch.Tensor) -> torch.Tensor:
+        ref, points = self.refiner, self.points
+        k, p = len(old), ref.grid.n_poses
+        own_pose = pose[np.arange(len(labels)), labels]
+        sums = torch.zeros(k * p, points.shape[1])
+        sums.index_add_(0, torch.from_numpy(labels * p + own_pose), points)
+        counts = torch.bincount(torch.from_numpy(labels), minlength=k).float().clamp(min=1)
+        back = ref.op.adjoint(sums.reshape(k, p, -1).to(ref.device)).cpu()
+        return back / (counts[:, None, None] * ref.coverage.cpu().clamp(min=0.3))
+
+
 class Refiner:
     """Alignment and classification machinery for one working set."""
 
@@ -94,55 +133,12 @@ class Refiner:
                      len(self.grid.psi_deg), len(self.grid.shifts), self.op.n_masked)
 
     # ---- BSK-means++ on denoised images ------------------------------------------------
-    def cluster_denoised(self, denoised: torch.Tensor, rng: np.random.Generator, n_iter: int = 8) -> Assignment:
-        """BSK-means++ of ``(n, W, W)`` denoised images under alignment."""
-        points = denoised[:, torch.from_numpy(self.mask)].contiguous()
-        centres = self._seed_plusplus(denoised, points, rng)
-        n, k = len(points), self.cfg.n_classes
+    def cluster_denoised(self, denoised: torch.Tensor, rng: np.random.Generator, max_iter: int = 7) -> Assignment:
+        """BSK-means++ of ``(n, W, W)`` denoised images under alignment, at most ``max_iter`` centre updates."""
+        n, k = len(denoised), self.cfg.n_classes
         lo, hi = size_bounds(n, k, self.cfg.balance)
-        labels = np.full(n, -1)
-        for _ in range(n_iter):
-            dist, pose = self._aligned_distances(points, centres)
-            new = balanced_assignment(dist, lo, hi)
-            done = np.array_equal(new, labels)
-            labels = new
-            own_pose = pose[np.arange(n), labels]
-            if done:
-                break
-            centres = self.aligned_means(points, labels, own_pose)
-        cost = dist[np.arange(n), labels]
-        return Assignment(labels, own_pose, cost, np.ones(n))
-
-    def _aligned_distances(self, points: torch.Tensor, centres: torch.Tensor) -> tuple[NDArray, NDArray]:
-        templates = self.op.forward(centres)
-        template_norms = (templates ** 2).sum(-1)                       # (K, P)
-        point_norms = (points ** 2).sum(-1)
-        dist = np.empty((len(points), len(centres)))
-        pose = np.empty((len(points), len(centres)), dtype=np.int64)
-        for start in range(0, len(points), self.batch):
-            chunk = points[start:start + self.batch].to(self.device)
-            cost = template_norms[None] - 2.0 * pose_scores(chunk, templates)
-            best, arg = cost.min(dim=2)
-            dist[start:start + len(chunk)] = (best + point_norms[start:start + len(chunk), None].to(best)).cpu()
-            pose[start:start + len(chunk)] = arg.cpu()
-        return dist, pose
-
-    def aligned_means(self, points: torch.Tensor, labels: NDArray, pose: NDArray) -> torch.Tensor:
-        """Mean of each class's masked images ``(n, M)`` brought into its frame -> ``(K, W, W)``."""
-        k, p = self.cfg.n_classes, self.grid.n_poses
-        sums = torch.zeros(k * p, points.shape[1])
-        sums.index_add_(0, torch.from_numpy(labels * p + pose), points)
-        counts = torch.bincount(torch.from_numpy(labels), minlength=k).float().clamp(min=1)
-        back = self.op.adjoint(sums.reshape(k, p, -1).to(self.device)).cpu()
-        return back / (counts[:, None, None] * self.coverage.cpu().clamp(min=0.3))
-
-    def _seed_plusplus(self, images: torch.Tensor, points: torch.Tensor,
-                       rng: np.random.Generator) -> torch.Tensor:
-        """K-means++ seeds (whole images) with the aligned distance, by the package's one seeding."""
-        def sq_dist_rows(idx: NDArray) -> NDArray:
-            return self._aligned_distances(points, images[torch.from_numpy(np.asarray(idx))])[0].T.clip(min=0)
-        seeds = kmeans_plusplus_indices(sq_dist_rows, len(points), self.cfg.n_classes, rng)
-        return images[torch.from_numpy(seeds)].clone()
+        run = bsk_means(AlignedMetric(self, denoised), k, lo, hi, rng, max_iter=max_iter)
+        return Assignment(run.labels, run.side[np.arange(n), run.labels], run.own, np.ones(n))
 
     # ---- CTF-aware likelihood on raw particles -----------------------------------------
     def statistics_from_labels(self, labels: NDArray, pose: NDArray, n_classes: int | None = None,
