@@ -140,6 +140,10 @@ def _flags(field: str) -> tuple[str, ...]:
               show_default=True, help="Class references during classification: maximum likelihood or Wiener-filtered.")
 @click.option("--split_merge/--no_split_merge", "split_merge", default=_DEFAULTS.cluster.split_merge,
               show_default=True, help="Split-and-merge moves at K, each kept only if the likelihood rises.")
+@click.option("--move_criterion", type=click.Choice(["likelihood", "evidence"]),
+              default=_DEFAULTS.cluster.move_criterion, show_default=True,
+              help="What keeps a split-and-merge move: the likelihood, or the evidence (class references "
+                   "integrated out; better when view sizes differ a lot, worse at SNR 0.01: docs/method.md).")
 @click.option("--init_particles", type=int, default=_DEFAULTS.cluster.init_particles, show_default=True,
               help="Particles the first classes are found on (0 = max(5000, 100 x K)).")
 @click.option("--epochs", "epochs_initial", type=int, default=_DEFAULTS.train.epochs_initial, show_default=True,

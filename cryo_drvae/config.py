@@ -118,6 +118,7 @@ class ClusterConfig:
     init_particles: int = 0            # particles the classes are grown on; 0 = max(5000, 100 K)
     reference_filter: str = "ml_common"  # class references: "ml_common" (ML, one band limit), "ml" or "wiener"
     split_merge: bool = True           # split-and-merge moves at K, kept when the likelihood rises
+    move_criterion: str = "likelihood"  # what keeps a move: "likelihood" or "evidence" (references integrated out)
 
     def initial_subset_size(self, n_particles: int) -> int:
         wanted = self.init_particles or max(5000, 100 * self.n_classes)
@@ -131,6 +132,8 @@ class ClusterConfig:
         _require(self.n_rounds >= 1, f"--iter must be >= 1, got {self.n_rounds}")
         _require(0.0 < self.psi_step <= 90.0, f"--psi_step must be in (0, 90] degrees, got {self.psi_step}")
         _require(self.max_shift_px >= 0, f"--max_shift_px must be >= 0, got {self.max_shift_px}")
+        _require(self.move_criterion in ("likelihood", "evidence"),
+                 f"--move_criterion must be 'likelihood' or 'evidence', got {self.move_criterion!r}")
         _require(self.reference_filter in ("ml", "ml_common", "wiener"),
                  f"--reference_filter must be 'ml_common', 'ml' or 'wiener', got {self.reference_filter!r}")
         _require(self.init_particles >= 0, f"--init_particles must be >= 0, got {self.init_particles}")

@@ -325,50 +325,87 @@ def deletion_costs(state: EMState) -> NDArray:
 
 
 def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int = 6, max_trials: int = 0,
-                     patience: int = 6, should_abort: Callable[[], bool] = lambda: False) -> EMState:
-    """Split-and-merge moves at fixed K, each kept only if the log evidence rises.
+                     patience: int = 4, should_abort: Callable[[], bool] = lambda: False) -> EMState:
+    """Split-and-merge moves at fixed K, each kept only if the total likelihood rises.
 
     A move gives up the class whose members are best explained elsewhere (an empty class, or one
-    half of a view that was split) and uses its slot for one half of the most heterogeneous
-    class (two views merged); ``em_steps`` EM steps later the evidence of all the data decides:
-    the likelihood with poses, classes *and references* integrated out (:meth:`Refiner.log_evidence`;
-    the maximum likelihood alone pays for splitting a view in halves). This escapes the
-    merged-and-split states that EM alone cannot leave.
+    half of a view that was split) and uses its slot for one half, or one tail, of the most
+    heterogeneous or largest class (two views merged, or a small view hidden in a large one);
+    ``em_steps`` EM steps later the marginal likelihood of all the data decides (or, with
+    ``move_criterion = "evidence"``, the likelihood with the references integrated out too:
+    :class:`MoveJudge`). This escapes the merged-and-split states that EM alone cannot leave.
+    Halves first; tails only once no half move is left (tried earlier, a tail move with a small gain
+    led balanced sets away from the moves that undo a merged pair).
     """
     k = state.refs.shape[0]
     if k < 2:
         return state
-    max_trials = max_trials or 2 * k + 4
-    split_shell = MOVE_SPLIT_FRACTION * shell   # two merged views differ most at low resolution
-    best, power = ref.log_evidence(state)
-    rejected: set[tuple[int, int, str]] = set()
-    trials = failures = 0
-    scored, costs = split_candidates(ref, state, split_shell, with_tails=True), deletion_costs(state)
-    while trials < max_trials and failures < patience:
-        move = next_move(ref, costs, scored, rejected)
-        if move is None:
-            break
-        slot, candidate = move
-        proposal = apply_split(ref, state, candidate, shell, slot=slot)
-        for _ in range(em_steps):
-            proposal = ref.partial_em_step(proposal, [slot, candidate.index], shell)
-        trials += 1
-        value, _ = ref.log_evidence(proposal, power)
-        kept = value > best
-        logger.info("move %d: class %d re-seeded from the %s of class %d (%d members): "
-                    "log evidence %+.1f, %s", trials, slot + 1, candidate.part, candidate.index + 1,
-                    len(candidate.members), value - best, "kept" if kept else "undone")
-        if kept:
-            state, best, failures = proposal, value, 0
-            rejected.clear()
-            scored, costs = split_candidates(ref, state, split_shell, with_tails=True), deletion_costs(state)
-        else:
-            # the same split into a class that costs more to give up cannot do better
-            rejected.update((s, candidate.index, candidate.part) for s in range(k) if costs[s] >= costs[slot])
-            failures += 1
-        if should_abort():
-            raise AbortRequested("abort requested during split-and-merge moves")
-    return state
+    judge = MoveJudge(ref, state, ref.cfg.move_criterion)
+    moves = MovePhase(ref, judge, shell, em_steps, max_trials or 2 * k + 4, patience, should_abort)
+    state = moves.run(state, parts=("half",))
+    return moves.run(state, parts=("high tail", "low tail"))
+
+
+class MovePhase:
+    """Moves of some kinds of split (``parts``) until ``patience`` in a row are undone."""
+
+    def __init__(self, ref: Refiner, judge: "MoveJudge", shell: float, em_steps: int, max_trials: int,
+                 patience: int, should_abort: Callable[[], bool]):
+        self.ref, self.judge, self.shell, self.em_steps = ref, judge, shell, em_steps
+        self.max_trials, self.patience, self.should_abort = max_trials, patience, should_abort
+        self.trials = 0
+
+    def candidates(self, state: EMState, parts: tuple[str, ...]) -> list[SplitCandidate]:
+        split_shell = MOVE_SPLIT_FRACTION * self.shell   # two merged views differ most at low resolution
+        with_tails = any(part != "half" for part in parts)
+        return [c for c in split_candidates(self.ref, state, split_shell, with_tails) if c.part in parts]
+
+    def run(self, state: EMState, parts: tuple[str, ...]) -> EMState:
+        ref, judge, shell, em_steps, k = self.ref, self.judge, self.shell, self.em_steps, state.refs.shape[0]
+        best = judge.value(state)
+        rejected: set[tuple[int, int, str]] = set()
+        trials = failures = 0
+        scored, costs = self.candidates(state, parts), deletion_costs(state)
+        while trials < self.max_trials and failures < self.patience:
+            move = next_move(ref, costs, scored, rejected)
+            if move is None:
+                break
+            slot, candidate = move
+            proposal = apply_split(ref, state, candidate, shell, slot=slot)
+            for _ in range(em_steps):
+                proposal = ref.partial_em_step(proposal, [slot, candidate.index], shell)
+            trials += 1
+            self.trials += 1
+            value = judge.value(proposal)
+            kept = value > best
+            logger.info("move %d: class %d re-seeded from the %s of class %d (%d members): "
+                        "%s %+.1f, %s", self.trials, slot + 1, candidate.part, candidate.index + 1,
+                        len(candidate.members), judge.name, value - best, "kept" if kept else "undone")
+            if kept:
+                state, best, failures = proposal, value, 0
+                rejected.clear()
+                scored, costs = self.candidates(state, parts), deletion_costs(state)
+            else:
+                # the same split into a class that costs more to give up cannot do better
+                rejected.update((s, candidate.index, candidate.part) for s in range(k) if costs[s] >= costs[slot])
+                failures += 1
+            if self.should_abort():
+                raise AbortRequested("abort requested during split-and-merge moves")
+        return state
+
+
+class MoveJudge:
+    """What a move must raise: the marginal likelihood (poses and classes integrated out), or the
+    evidence (the references too, under one signal-power prior fixed at the start of the moves)."""
+
+    def __init__(self, ref: Refiner, start: EMState, criterion: str):
+        self.ref, self.name = ref, "log evidence" if criterion == "evidence" else "log-likelihood"
+        self.power = ref.log_evidence(start)[1] if criterion == "evidence" else None
+
+    def value(self, state: EMState) -> float:
+        if self.power is None:
+            return total_log_likelihood(state)
+        return self.ref.log_evidence(state, self.power)[0]
 
 
 def next_move(ref: Refiner, costs: NDArray, scored: list[SplitCandidate], rejected: set[tuple[int, int, str]],
@@ -380,14 +417,13 @@ def next_move(ref: Refiner, costs: NDArray, scored: list[SplitCandidate], reject
     by_score = list(dict.fromkeys(c.index for c in scored))[:width]
     by_size = list(dict.fromkeys(c.index for c in sorted(scored, key=lambda c: -len(c.members))))[:width]
     splits = [c for c in scored if c.index in set(by_score + by_size)]
-    best, choice = (-np.inf, 0), None
+    best, choice = -np.inf, None
     for candidate in splits:
         gain = 0.5 * max(candidate.score, 0.0) / ref.ws.noise_var
         for slot in np.argsort(costs)[:width]:
             slot = int(slot)
             if slot == candidate.index or (slot, candidate.index, candidate.part) in rejected:
                 continue
-            # equal predictions (nothing above the noise edge): the larger class first
-            if (gain - costs[slot], len(candidate.members)) > best:
-                best, choice = (gain - costs[slot], len(candidate.members)), (slot, candidate)
+            if gain - costs[slot] > best:
+                best, choice = gain - costs[slot], (slot, candidate)
     return choice

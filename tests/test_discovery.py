@@ -129,10 +129,11 @@ def test_default_references_share_one_band_limit_and_keep_every_class(hvr_set):
 
 @pytest.mark.slow
 @needs_structures
-def test_a_move_undoes_merged_and_split_views(hvr_set):
+@pytest.mark.parametrize("criterion", ["likelihood", "evidence"])
+def test_a_move_undoes_merged_and_split_views(hvr_set, criterion):
     # a state with views 0 and 1 merged in one class and view 2 split over two: the move that
     # frees one half of view 2 and splits the merged class must raise the likelihood and be kept
-    ref = refiner_for(hvr_set)
+    ref = refiner_for(hvr_set, move_criterion=criterion)
     truth = hvr_set.labels - 1
     state = template_state(ref, hvr_set)
     labels = truth.copy()
