@@ -50,12 +50,12 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 import torch
 import yaml
 from numpy.typing import NDArray
 from scipy.spatial.transform import Rotation
 
+from . import star_io as sio
 from .ctf import CtfParams, ctf_images
 from .errors import ConfigError
 from .io_utils import atomic_path
@@ -75,7 +75,6 @@ RENDER_PADDING = 1.5            # render and apply the CTF on a box this many ti
 RENDER_BATCH = 128              # particles rendered at once (memory ~ batch x atoms x box)
 RENDER_FLOATS = 40_000_000      # at most this many floats per atom-profile array
 MICROGRAPH_SIZE = 4096          # px, range of the fake pick coordinates
-STAR_VERSION_LINE = "# version 30001"
 
 TRUTH_COLUMNS = ["image_name", "class", "shape", "view", "psi_deg", "shift_x_px", "shift_y_px",
                  "defocus_u", "defocus_v", "defocus_angle"]
@@ -565,34 +564,34 @@ def particle_table(cfg: SimulationConfig, truth: pd.DataFrame, micrographs: list
     n = len(truth)
     coords = rng.uniform(cfg.box_size, MICROGRAPH_SIZE - cfg.box_size, (n, 2)).round()
     return pd.DataFrame({
-        "rlnImageName": truth["image_name"].to_numpy(),
-        "rlnMicrographName": micrographs,
-        "rlnCoordinateX": coords[:, 0],
-        "rlnCoordinateY": coords[:, 1],
-        "rlnDefocusU": truth["defocus_u"].to_numpy(),
-        "rlnDefocusV": truth["defocus_v"].to_numpy(),
-        "rlnDefocusAngle": truth["defocus_angle"].to_numpy(),
-        "rlnCtfBfactor": 0.0,
-        "rlnCtfScalefactor": 1.0,
-        "rlnPhaseShift": 0.0,
-        "rlnOpticsGroup": 1,
-        "rlnOriginXAngst": 0.0,
-        "rlnOriginYAngst": 0.0,
+        sio.IMAGE_NAME: truth["image_name"].to_numpy(),
+        sio.MICROGRAPH_NAME: micrographs,
+        sio.COORDINATE_X: coords[:, 0],
+        sio.COORDINATE_Y: coords[:, 1],
+        sio.DEFOCUS_U: truth["defocus_u"].to_numpy(),
+        sio.DEFOCUS_V: truth["defocus_v"].to_numpy(),
+        sio.DEFOCUS_ANGLE: truth["defocus_angle"].to_numpy(),
+        sio.CTF_BFACTOR: 0.0,
+        sio.CTF_SCALEFACTOR: 1.0,
+        sio.PHASE_SHIFT: 0.0,
+        sio.OPTICS_GROUP: 1,
+        sio.ORIGIN_X_ANGST: 0.0,
+        sio.ORIGIN_Y_ANGST: 0.0,
     })
 
 
 def optics_table(cfg: SimulationConfig) -> pd.DataFrame:
     """``data_optics``: one optics group."""
     return pd.DataFrame({
-        "rlnOpticsGroupName": ["opticsGroup1"],
-        "rlnOpticsGroup": [1],
-        "rlnMicrographOriginalPixelSize": [cfg.pixel_size],
-        "rlnVoltage": [cfg.voltage],
-        "rlnSphericalAberration": [cfg.cs],
-        "rlnAmplitudeContrast": [cfg.amplitude_contrast],
-        "rlnImagePixelSize": [cfg.pixel_size],
-        "rlnImageSize": [cfg.box_size],
-        "rlnImageDimensionality": [2],
+        sio.OPTICS_GROUP_NAME: ["opticsGroup1"],
+        sio.OPTICS_GROUP: [1],
+        sio.MICROGRAPH_ORIGINAL_PIXEL_SIZE: [cfg.pixel_size],
+        sio.VOLTAGE: [cfg.voltage],
+        sio.SPHERICAL_ABERRATION: [cfg.cs],
+        sio.AMPLITUDE_CONTRAST: [cfg.amplitude_contrast],
+        sio.IMAGE_PIXEL_SIZE: [cfg.pixel_size],
+        sio.IMAGE_SIZE: [cfg.box_size],
+        sio.IMAGE_DIMENSIONALITY: [2],
     })
 
 
@@ -601,26 +600,15 @@ def relion30_table(cfg: SimulationConfig, particles: pd.DataFrame) -> pd.DataFra
 
     Pixel size = rlnDetectorPixelSize (µm) x 1e4 / rlnMagnification.
     """
-    table = particles.drop(columns=["rlnOpticsGroup", "rlnOriginXAngst", "rlnOriginYAngst"])
-    table["rlnVoltage"] = cfg.voltage
-    table["rlnSphericalAberration"] = cfg.cs
-    table["rlnAmplitudeContrast"] = cfg.amplitude_contrast
-    table["rlnMagnification"] = 10000.0
-    table["rlnDetectorPixelSize"] = cfg.pixel_size
-    table["rlnOriginX"] = 0.0
-    table["rlnOriginY"] = 0.0
+    table = particles.drop(columns=[sio.OPTICS_GROUP, sio.ORIGIN_X_ANGST, sio.ORIGIN_Y_ANGST])
+    table[sio.VOLTAGE] = cfg.voltage
+    table[sio.SPHERICAL_ABERRATION] = cfg.cs
+    table[sio.AMPLITUDE_CONTRAST] = cfg.amplitude_contrast
+    table[sio.MAGNIFICATION] = 10000.0
+    table[sio.DETECTOR_PIXEL_SIZE] = cfg.pixel_size
+    table[sio.ORIGIN_X] = 0.0
+    table[sio.ORIGIN_Y] = 0.0
     return table
-
-
-def write_star(path: Path, blocks: dict[str, pd.DataFrame], version_line: bool) -> None:
-    """Write STAR blocks atomically; with ``version_line`` each block gets RELION 3.1's comment."""
-    with atomic_path(path) as tmp:
-        starfile.write(blocks, tmp, float_format="%.6f")
-        if version_line:
-            text = tmp.read_text()
-            for name in blocks:
-                text = text.replace(f"\ndata_{name}\n", f"\n{STAR_VERSION_LINE}\n\ndata_{name}\n", 1)
-            tmp.write_text(text)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -696,9 +684,9 @@ def simulate_dataset(cfg: SimulationConfig, out_dir: str | os.PathLike,
     particles = particle_table(cfg, truth, micrographs, streams["particles"])
     star_path = out_dir / "particles.star"
     if cfg.relion30:
-        write_star(star_path, {"": relion30_table(cfg, particles)}, version_line=False)
+        sio.write_star_blocks(star_path, {"": relion30_table(cfg, particles)}, version_line=False)
     else:
-        write_star(star_path, {"optics": optics_table(cfg), "particles": particles}, version_line=True)
+        sio.write_star_blocks(star_path, {"optics": optics_table(cfg), "particles": particles})
     truth_path = write_truth(out_dir, truth)
     _write_text(out_dir / "simulation.yaml", yaml.safe_dump(
         {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}, sort_keys=False))

@@ -54,10 +54,25 @@ NORM_CORRECTION = "rlnNormCorrection"
 LOG_LIKELI_CONTRIBUTION = "rlnLogLikeliContribution"
 MAX_VALUE_PROB_DISTRIBUTION = "rlnMaxValueProbDistribution"
 NR_OF_SIGNIFICANT_SAMPLES = "rlnNrOfSignificantSamples"
+COORDINATE_X = "rlnCoordinateX"
+COORDINATE_Y = "rlnCoordinateY"
+PHASE_SHIFT = "rlnPhaseShift"
+CTF_BFACTOR = "rlnCtfBfactor"
+CTF_SCALEFACTOR = "rlnCtfScalefactor"
+MICROGRAPH_ORIGINAL_PIXEL_SIZE = "rlnMicrographOriginalPixelSize"
+# model / optimiser / pipeline files
+REFERENCE_IMAGE = "rlnReferenceImage"
+ESTIMATED_RESOLUTION = "rlnEstimatedResolution"
+PARTICLE_NUMBER = "rlnParticleNumber"
+PIXEL_SIZE = "rlnPixelSize"
+NR_CLASSES = "rlnNrClasses"
+PIPELINE_NODE_NAME = "rlnPipeLineNodeName"
+PIPELINE_NODE_TYPE = "rlnPipeLineNodeType"              # RELION 3.1: integer
+PIPELINE_NODE_TYPE_LABEL = "rlnPipeLineNodeTypeLabel"   # RELION 4/5: text
 
 #: Columns that hold text even when every value looks like a number (keeps leading zeros).
 STRING_COLUMNS = [IMAGE_NAME, MICROGRAPH_NAME, OPTICS_GROUP_NAME, "rlnGroupName", "rlnCtfImage",
-                  "rlnReferenceImage", "rlnMicrographMovieName", "rlnImageOriginalName"]
+                  REFERENCE_IMAGE, "rlnMicrographMovieName", "rlnImageOriginalName"]
 #: Per-particle columns of a RELION 3.0 file that move into data_optics on conversion.
 LEGACY_OPTICS_COLUMNS = [VOLTAGE, SPHERICAL_ABERRATION, AMPLITUDE_CONTRAST, MAGNIFICATION,
                          DETECTOR_PIXEL_SIZE, IMAGE_PIXEL_SIZE, IMAGE_SIZE, IMAGE_DIMENSIONALITY]
@@ -145,7 +160,7 @@ def read_particles(path: str | os.PathLike, pixel_size: float | None = None) -> 
         ``data_optics`` lacks, or gives no pixel size.
     """
     path = Path(path)
-    blocks = _read_blocks(path)
+    blocks = read_star_blocks(path)
     particles, optics = _pick_blocks(path, blocks)
     if IMAGE_NAME not in particles.columns:
         raise InputFileError(f"{path}: the particles block has no '{IMAGE_NAME}' column; "
@@ -231,17 +246,20 @@ def write_particles(path: str | os.PathLike, table: ParticleTable,
     logger.info("wrote %d particles to %s", len(particles), path)
 
 
-def write_star_blocks(path: str | os.PathLike, blocks: Mapping[str, StarBlock]) -> None:
+def write_star_blocks(path: str | os.PathLike, blocks: Mapping[str, StarBlock],
+                      version_line: bool = True) -> None:
     """Write STAR data blocks atomically, RELION style (``# version 30001`` before each block).
 
-    A DataFrame becomes a ``loop_`` block; a mapping becomes a key/value block. Floats keep
-    full precision (shortest repr that reads back identical); text containing whitespace is
-    double-quoted; the separator is a tab.
+    A DataFrame becomes a ``loop_`` block; a mapping becomes a key/value block; the name ``""``
+    gives a bare ``data_`` block. Floats keep full precision (shortest repr that reads back
+    identical); text containing whitespace is double-quoted; the separator is a tab.
+    ``version_line=False`` omits the version comments (RELION 3.0 files have none).
     """
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
             for name, block in blocks.items():
-                handle.write(f"\n{STAR_VERSION_COMMENT}\n\ndata_{name}\n\n")
+                version = f"\n{STAR_VERSION_COMMENT}\n" if version_line else ""
+                handle.write(f"{version}\ndata_{name}\n\n")
                 if isinstance(block, pd.DataFrame):
                     _write_loop(handle, block)
                 else:
@@ -251,19 +269,28 @@ def write_star_blocks(path: str | os.PathLike, blocks: Mapping[str, StarBlock]) 
 
 # --- reading helpers ---------------------------------------------------------------------
 
-def _read_blocks(path: Path) -> dict[str, StarBlock]:
-    """All data blocks of a STAR file, or an InputFileError naming the file."""
+def read_star_blocks(path: str | os.PathLike, what: str = "RELION particles STAR file",
+                     example: str = "Extract/job005/particles.star") -> dict[str, StarBlock]:
+    """All data blocks of a STAR file: name -> DataFrame (loop) or dict (key/value block).
+
+    Text columns of ``STRING_COLUMNS`` stay text. ``what`` and ``example`` word the errors.
+
+    Raises
+    ------
+    InputFileError
+        If the file is missing, cannot be parsed, or holds no data block.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise InputFileError(f"{path}: particles STAR file not found; check the path "
-                             f"(e.g. Extract/job005/particles.star)")
+        raise InputFileError(f"{path}: {what} not found; check the path (e.g. {example})")
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
     except Exception as exc:  # starfile raises many types on malformed text
         raise InputFileError(f"{path}: cannot be parsed as a STAR file ({type(exc).__name__}: "
-                             f"{exc}); pass a RELION particles STAR file") from None
+                             f"{exc}); pass a {what}") from None
     if not blocks:
         raise InputFileError(f"{path}: no STAR data blocks found (not a STAR file?); "
-                             f"pass a RELION particles STAR file")
+                             f"pass a {what}")
     return blocks
 
 
