@@ -27,11 +27,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cryo_drvae import __version__
+import numpy as np
+import pandas as pd
+
+from cryo_drvae import __version__, star_io
 from cryo_drvae.config import ClusterConfig, DataConfig, RunConfig, TrainConfig, gpu_ids, parse_gpu
 from cryo_drvae.cs_io import CS_OUTPUT_SUFFIXES
 from cryo_drvae.errors import AbortRequested, ConfigError, CryoDrvaeError, InputFileError
-from cryo_drvae.io_utils import atomic_path
 from cryo_drvae.relion_flags import FLAG_NAMES, sort_extra_arguments
 
 logger = logging.getLogger("cryo_drvae.relion")
@@ -214,11 +216,6 @@ def detect_relion_version(job_dir: str | os.PathLike, project_dir: str | os.Path
     return None
 
 
-def _star_value(value: Any) -> str:
-    text = str(value)
-    return f'"{text}"' if (not text or any(c.isspace() for c in text)) else text
-
-
 def write_output_nodes(job_dir: str, nodes: Sequence[tuple[str, str]], version: int) -> Path:
     """Write ``RELION_OUTPUT_NODES.star`` with both type columns.
 
@@ -226,30 +223,24 @@ def write_output_nodes(job_dir: str, nodes: Sequence[tuple[str, str]], version: 
     ``_rlnPipeLineNodeType`` (and keeps the unknown label column); 4.0/5.0 read only
     ``_rlnPipeLineNodeTypeLabel``, whose strings differ between 4.0 and 5.0.
     """
-    lines = ["", "# version 30001", "", "data_output_nodes", "", "loop_",
-             "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2", "_rlnPipeLineNodeTypeLabel #3"]
-    for path, kind in nodes:
-        code, label4, label5 = NODE_TYPES[kind]
-        lines.append(f"{_star_value(path)} {code} {label4 if version == 4 else label5}")
+    types = [NODE_TYPES[kind] for _, kind in nodes]
+    table = pd.DataFrame({
+        star_io.PIPELINE_NODE_NAME: [str(path) for path, _ in nodes],
+        star_io.PIPELINE_NODE_TYPE: np.array([code for code, _, _ in types], dtype=np.int64),
+        star_io.PIPELINE_NODE_TYPE_LABEL: [label4 if version == 4 else label5
+                                           for _, label4, label5 in types],
+    })
     final = Path(job_dir) / OUTPUT_NODES
-    with atomic_path(final) as tmp:
-        tmp.write_text("\n".join(lines) + "\n\n")
+    star_io.write_star_blocks(final, {"output_nodes": table})
     return final
-
-
-def _key_value_block(name: str, items: Sequence[tuple[str, Any]]) -> str:
-    width = max(len(k) for k, _ in items) + 2
-    body = "\n".join(f"_{k:<{width}}{_star_value(v)}" for k, v in items)
-    return f"\n# version 30001\n\ndata_{name}\n\n{body}\n\n"
 
 
 def _image_info(data_star: Path) -> tuple[int, float] | None:
     """(box size px, pixel size Å) of the first optics group of a 3.1-format data STAR file."""
     try:
-        import starfile
-        blocks = starfile.read(data_star, always_dict=True)
-        optics = blocks["optics"]
-        return int(optics["rlnImageSize"].iloc[0]), float(optics["rlnImagePixelSize"].iloc[0])
+        optics = star_io.read_star_blocks(data_star)["optics"]
+        return (int(optics[star_io.IMAGE_SIZE].iloc[0]),
+                float(optics[star_io.IMAGE_PIXEL_SIZE].iloc[0]))
     except Exception:  # noqa: BLE001 - only used for a default diameter
         return None
 
@@ -264,23 +255,22 @@ def write_optimiser(prefix: str, cfg: RunConfig, n_iterations_done: int) -> Path
         info = _image_info(Path(f"{prefix}_data.star"))
         diameter = round(cfg.diameter_angst(*info), 2) if info else 0.0
     use_ctf = int(cfg.data.use_ctf)
-    items = [
-        ("rlnOutputRootName", os.path.dirname(prefix) + "/run"),
-        ("rlnModelStarFile", f"{prefix}_model.star"),
-        ("rlnExperimentalDataStarFile", f"{prefix}_data.star"),
-        ("rlnCurrentIteration", int(n_iterations_done)),
-        ("rlnNumberOfIterations", cfg.cluster.n_rounds),
-        ("rlnParticleDiameter", diameter),
-        ("rlnDoCorrectCtf", use_ctf),
-        ("rlnDoIgnoreCtfUntilFirstPeak", 0),
-        ("rlnCtfDataArePhaseFlipped", 0),
-        ("rlnDoOnlyFlipCtfPhases", 0),
-        ("rlnRefsAreCtfCorrected", use_ctf),
-        ("rlnRandomSeed", cfg.seed),
-    ]
+    general = {
+        "rlnOutputRootName": os.path.dirname(prefix) + "/run",
+        "rlnModelStarFile": f"{prefix}_model.star",
+        "rlnExperimentalDataStarFile": f"{prefix}_data.star",
+        "rlnCurrentIteration": int(n_iterations_done),
+        "rlnNumberOfIterations": int(cfg.cluster.n_rounds),
+        "rlnParticleDiameter": float(diameter),
+        "rlnDoCorrectCtf": use_ctf,
+        "rlnDoIgnoreCtfUntilFirstPeak": 0,
+        "rlnCtfDataArePhaseFlipped": 0,
+        "rlnDoOnlyFlipCtfPhases": 0,
+        "rlnRefsAreCtfCorrected": use_ctf,
+        "rlnRandomSeed": int(cfg.seed),
+    }
     final = Path(f"{prefix}_optimiser.star")
-    with atomic_path(final) as tmp:
-        tmp.write_text(_key_value_block("optimiser_general", items))
+    star_io.write_star_blocks(final, {"optimiser_general": general})
     return final
 
 
@@ -290,11 +280,11 @@ def write_class_averages_star(prefix: str) -> Path:
     stack = Path(f"{prefix}_class_averages.mrcs")
     with mrcfile.open(stack, header_only=True, permissive=True) as m:
         n_classes = int(m.header.nz)
-    rows = "\n".join(f"{k:06d}@{stack.as_posix()} {k}" for k in range(1, n_classes + 1))
-    text = (f"\n# version 30001\n\ndata_\n\nloop_\n_rlnReferenceImage #1\n_rlnClassNumber #2\n{rows}\n\n")
+    numbers = np.arange(1, n_classes + 1, dtype=np.int64)
+    table = pd.DataFrame({star_io.REFERENCE_IMAGE: [f"{k:06d}@{stack.as_posix()}" for k in numbers],
+                          star_io.CLASS_NUMBER: numbers})
     final = Path(f"{prefix}_class_averages.star")
-    with atomic_path(final) as tmp:
-        tmp.write_text(text)
+    star_io.write_star_blocks(final, {"": table})
     return final
 
 
