@@ -43,9 +43,9 @@ CTF_FIELDS = {
     "ctf/df1_A": (star_io.DEFOCUS_U, 1.0),
     "ctf/df2_A": (star_io.DEFOCUS_V, 1.0),
     "ctf/df_angle_rad": (star_io.DEFOCUS_ANGLE, 180.0 / np.pi),
-    "ctf/phase_shift_rad": ("rlnPhaseShift", 180.0 / np.pi),
-    "ctf/bfactor": ("rlnCtfBfactor", 1.0),
-    "ctf/scale": ("rlnCtfScalefactor", 1.0),
+    "ctf/phase_shift_rad": (star_io.PHASE_SHIFT, 180.0 / np.pi),
+    "ctf/bfactor": (star_io.CTF_BFACTOR, 1.0),
+    "ctf/scale": (star_io.CTF_SCALEFACTOR, 1.0),
 }
 #: Aberrations cryoSPARC may have refined that neither this job nor its RELION path models.
 IGNORED_ABERRATIONS = ("ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/shift_A")
@@ -173,7 +173,7 @@ def star_to_dataset(table: ParticleTable, box_size: int | None = None, seed: int
     group = (joined[star_io.OPTICS_GROUP].to_numpy(np.int64) - 1 if star_io.OPTICS_GROUP in joined
              else np.zeros(n, dtype=np.int64))
     dataset["ctf/exp_group_id"] = np.clip(group, 0, None)
-    defaults = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0}
+    defaults = {star_io.PHASE_SHIFT: 0.0, star_io.CTF_BFACTOR: 0.0, star_io.CTF_SCALEFACTOR: 1.0}
     for field, (column, factor) in CTF_FIELDS.items():
         if column in joined.columns:
             dataset[field] = joined[column].to_numpy(np.float64) / factor

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
+from . import star_io as sio
 from .errors import InputFileError
 from .fourier import frequency_grid
 
@@ -68,8 +69,8 @@ def params_from_particles(particles: pd.DataFrame, source: str = "particles") ->
     InputFileError
         If a required CTF column is missing or holds non-finite values.
     """
-    required = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
-                "rlnSphericalAberration", "rlnAmplitudeContrast"]
+    required = [sio.DEFOCUS_U, sio.DEFOCUS_V, sio.DEFOCUS_ANGLE, sio.VOLTAGE,
+                sio.SPHERICAL_ABERRATION, sio.AMPLITUDE_CONTRAST]
     missing = [c for c in required if c not in particles.columns]
     if missing:
         raise InputFileError(f"{source}: missing CTF column(s) {', '.join(missing)}; "
@@ -81,7 +82,7 @@ def params_from_particles(particles: pd.DataFrame, source: str = "particles") ->
             raise InputFileError(f"{source}: {premultiplied} = 1 for {int(flagged.sum())} particles "
                                  f"(images already multiplied by their CTF), which cryo-drvae does not "
                                  f"model; re-extract without CTF premultiplication, or pass --no_ctf")
-    optional = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0}
+    optional = {sio.PHASE_SHIFT: 0.0, sio.CTF_BFACTOR: 0.0, sio.CTF_SCALEFACTOR: 1.0}
     values = {c: particles[c].to_numpy(np.float64) for c in required}
     values.update({c: particles[c].to_numpy(np.float64) if c in particles.columns
                    else np.full(len(particles), default) for c, default in optional.items()})
@@ -89,10 +90,10 @@ def params_from_particles(particles: pd.DataFrame, source: str = "particles") ->
     if bad:
         raise InputFileError(f"{source}: non-finite values in {', '.join(bad)}; "
                              f"fix or remove those particles (e.g. relion_star_handler)")
-    return CtfParams(values["rlnDefocusU"], values["rlnDefocusV"], values["rlnDefocusAngle"],
-                     values["rlnVoltage"], values["rlnSphericalAberration"],
-                     values["rlnAmplitudeContrast"], values["rlnPhaseShift"],
-                     values["rlnCtfBfactor"], values["rlnCtfScalefactor"])
+    return CtfParams(values[sio.DEFOCUS_U], values[sio.DEFOCUS_V], values[sio.DEFOCUS_ANGLE],
+                     values[sio.VOLTAGE], values[sio.SPHERICAL_ABERRATION],
+                     values[sio.AMPLITUDE_CONTRAST], values[sio.PHASE_SHIFT],
+                     values[sio.CTF_BFACTOR], values[sio.CTF_SCALEFACTOR])
 
 
 def ctf_images(params: CtfParams, box_size: int, pixel_size: float | NDArray,

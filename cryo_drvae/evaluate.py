@@ -17,18 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import starfile
 from numpy.typing import ArrayLike
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
+from . import star_io
 from .errors import InputFileError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_NAME = "rlnImageName"
-CLASS_NUMBER = "rlnClassNumber"
+IMAGE_NAME = star_io.IMAGE_NAME
+CLASS_NUMBER = star_io.CLASS_NUMBER
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,8 @@ def normalise_image_name(name: str) -> str:
 
 def _read_classified(data_star: str | os.PathLike) -> pd.DataFrame:
     """The particle block of a classification's data STAR file (3.0 or 3.1+)."""
-    try:
-        blocks = starfile.read(data_star, always_dict=True)
-    except FileNotFoundError:
-        raise InputFileError(f"{data_star}: file not found; pass the _data.star of a 2D "
-                             f"classification") from None
+    blocks = star_io.read_star_blocks(data_star, what="2D classification's _data.star",
+                                      example="Class2D/job010/run_it025_data.star")
     table = blocks.get("particles")
     if table is None:
         table = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and IMAGE_NAME in b), None)

@@ -29,7 +29,7 @@ UNDEFINED_VALUE = 999.0
 #: Per-class particle count column in data_model_classes. RELION defines this label
 #: ("Number of particles") and uses it for per-class counts in its consensus tables; the
 #: model reader and the 2D selection GUI ignore it, but users can sort on it.
-CLASS_COUNT_COLUMN = "rlnParticleNumber"
+CLASS_COUNT_COLUMN = star_io.PARTICLE_NUMBER
 
 # Neutral ML statistics that RELION's 2D classification adds; written only where absent.
 _NEUTRAL_PARTICLE_COLUMNS: dict[str, object] = {
@@ -263,19 +263,19 @@ def _model_blocks(averages_name: str, table: star_io.ParticleTable,
         "rlnOriginalImageSize": box,
         "rlnCurrentResolution": float(occupied.min()) if occupied.size else UNDEFINED_VALUE,
         "rlnCurrentImageSize": box,
-        "rlnPixelSize": float(result.pixel_size),
-        "rlnNrClasses": k,
+        star_io.PIXEL_SIZE: float(result.pixel_size),
+        star_io.NR_CLASSES: k,
         "rlnNrBodies": 1,
         "rlnNrGroups": 1,
         "rlnIsHelix": 0,
         "rlnAveragePmax": float(np.mean(result.confidence)) if len(table) else 0.0,
     }
     classes = pd.DataFrame({
-        "rlnReferenceImage": [f"{i:06d}@{averages_name}" for i in range(1, k + 1)],
+        star_io.REFERENCE_IMAGE: [f"{i:06d}@{averages_name}" for i in range(1, k + 1)],
         "rlnClassDistribution": counts / max(int(counts.sum()), 1),
         "rlnAccuracyRotations": np.full(k, UNDEFINED_VALUE),
         "rlnAccuracyTranslationsAngst": np.full(k, UNDEFINED_VALUE),
-        "rlnEstimatedResolution": resolution,
+        star_io.ESTIMATED_RESOLUTION: resolution,
         "rlnOverallFourierCompleteness": np.where(counts > 0, 1.0, 0.0),
         "rlnClassPriorOffsetX": np.zeros(k),
         "rlnClassPriorOffsetY": np.zeros(k),

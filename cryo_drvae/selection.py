@@ -27,7 +27,6 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 
 from . import plots, scoring, star_io
 from .errors import ConfigError, InputFileError
@@ -130,13 +129,10 @@ def _read_model(prefix: str) -> tuple[dict, pd.DataFrame]:
     if not path.is_file():
         raise InputFileError(f"{path}: model STAR file not found; pass --i the prefix that classify "
                              f"--o was given (e.g. Class2D/job010/run)")
-    try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=star_io.STRING_COLUMNS)
-    except Exception as exc:  # starfile raises many types on malformed text
-        raise InputFileError(f"{path}: cannot be parsed as a STAR file ({type(exc).__name__}); "
-                             f"pass a 2D classification's _model.star") from None
+    blocks = star_io.read_star_blocks(path, what="2D classification's _model.star",
+                                      example="Class2D/job010/run_model.star")
     classes = blocks.get("model_classes")
-    if not isinstance(classes, pd.DataFrame) or "rlnReferenceImage" not in classes:
+    if not isinstance(classes, pd.DataFrame) or star_io.REFERENCE_IMAGE not in classes:
         raise InputFileError(f"{path}: no data_model_classes block with rlnReferenceImage; pass a 2D "
                              f"classification's _model.star")
     general = blocks.get("model_general")
@@ -145,7 +141,7 @@ def _read_model(prefix: str) -> tuple[dict, pd.DataFrame]:
 
 def _averages_path(prefix: str, classes: pd.DataFrame) -> Path:
     """The stack that ``rlnReferenceImage`` names (project-relative, else beside the model STAR)."""
-    name = str(classes["rlnReferenceImage"].iloc[0]).partition("@")[2]
+    name = str(classes[star_io.REFERENCE_IMAGE].iloc[0]).partition("@")[2]
     for candidate in (Path(name), Path(prefix).parent / Path(name).name):
         if candidate.is_file():
             return candidate
@@ -167,14 +163,14 @@ def _scores(classes: pd.DataFrame, particles: star_io.ParticleTable, averages_pa
     logger.info("%s has no %s column: scoring its classes from the averages", averages_path,
                 scoring.SCORE_COLUMN)
     averages, pixel_size = _read_averages(averages_path)
-    pixel_size = float(general.get("rlnPixelSize", pixel_size) or pixel_size)
+    pixel_size = float(general.get(star_io.PIXEL_SIZE, pixel_size) or pixel_size)
     k = len(classes)
     labels = pd.to_numeric(particles.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64) - 1
     confidence = (pd.to_numeric(particles.particles[star_io.MAX_VALUE_PROB_DISTRIBUTION]).to_numpy(np.float64)
                   if star_io.MAX_VALUE_PROB_DISTRIBUTION in particles.particles else np.ones(len(labels)))
     counts = np.bincount(labels, minlength=k)[:k]
-    resolution = (pd.to_numeric(classes["rlnEstimatedResolution"]).to_numpy(np.float64)
-                  if "rlnEstimatedResolution" in classes else np.full(k, scoring.UNDEFINED_RESOLUTION))
+    resolution = (pd.to_numeric(classes[star_io.ESTIMATED_RESOLUTION]).to_numpy(np.float64)
+                  if star_io.ESTIMATED_RESOLUTION in classes else np.full(k, scoring.UNDEFINED_RESOLUTION))
     features = scoring.class_features(averages[:k], counts, resolution, pixel_size,
                                       scoring.member_means(labels, confidence, k))
     return scoring.combine(features)
@@ -217,13 +213,13 @@ def load_selection(cfg: SelectionConfig) -> Selection:
     if cfg.effective_min_score is not None:
         keep &= scores >= cfg.effective_min_score
     if cfg.min_resolution is not None:
-        resolution = pd.to_numeric(classes["rlnEstimatedResolution"]).to_numpy(np.float64)
+        resolution = pd.to_numeric(classes[star_io.ESTIMATED_RESOLUTION]).to_numpy(np.float64)
         keep &= resolution <= cfg.min_resolution
     classes = classes.copy()
     classes[scoring.SCORE_COLUMN] = scores
     classes[SELECTED_COLUMN] = keep.astype(np.int64)
-    if "rlnParticleNumber" not in classes:
-        classes["rlnParticleNumber"] = counts
+    if star_io.PARTICLE_NUMBER not in classes:
+        classes[star_io.PARTICLE_NUMBER] = counts
     return Selection(prefix, general, classes, particles, averages_path)
 
 
@@ -239,10 +235,10 @@ def write_selection(selection: Selection, output_dir: str | os.PathLike) -> dict
     classes = selection.classes
     order = np.argsort(-classes[scoring.SCORE_COLUMN].to_numpy(), kind="stable")
     averages, _ = _read_averages(selection.averages_path)
-    counts = classes["rlnParticleNumber"].to_numpy(np.int64)
+    counts = classes[star_io.PARTICLE_NUMBER].to_numpy(np.int64)
     plots.plot_ranked_gallery(averages[: len(classes)], counts, classes[scoring.SCORE_COLUMN].to_numpy(),
                               selection.kept, paths["gallery"])
-    general = selection.general or {"rlnNrClasses": len(classes)}
+    general = selection.general or {star_io.NR_CLASSES: len(classes)}
     star_io.write_star_blocks(paths["rank_model"], {"model_general": general, "model_classes": classes})
     kept_classes = classes.iloc[[i for i in order if selection.kept[i]]]
     star_io.write_star_blocks(paths["class_averages"], {"model_classes": kept_classes})
