@@ -36,6 +36,7 @@ MOVE_SPLIT_FRACTION = 0.5   # split moves separate members on this fraction of t
 TAIL_FRACTION = 0.1         # a move may also seed a class from this share of a class at either end of its
                             # first principal component: a small view hidden in a large class (at SNR 0.02
                             # it sits at one end, not in a half; measured: docs/method.md)
+TAIL_CLASS_SIZE = 1.5       # ... of a class at least this many times the mean class size
 PRIOR_FLOOR = 1e-6      # a class given no weight keeps a finite log-prior (it may be re-seeded)
 
 
@@ -166,7 +167,7 @@ def effective_dimension(box: int, radius: float, shell: float) -> int:
 
 def split_candidates(ref: Refiner, state: EMState, split_shell: float, with_tails: bool = False) -> list[SplitCandidate]:
     """Every class with enough members, scored for a split, most heterogeneous first (2-means
-    halves; ``with_tails``: the two tails too of each class larger than average, after its halves)."""
+    halves; ``with_tails``: the two tails too of each class 1.5x the mean size or more, after its halves)."""
     k = state.refs.shape[0]
     labels = posterior(state.loglik, state.log_prior).argmax(1)
     d_eff = effective_dimension(ref.ws.box_size, ref.ws.particle_radius, split_shell)
@@ -180,7 +181,7 @@ def split_candidates(ref: Refiner, state: EMState, split_shell: float, with_tail
         x = member_residuals(ref, members, state.best_pose[members, j], state.refs[j], split_shell)
         score, vt = split_score(x, ref.ws.noise_var, d_eff)
         candidates.append(SplitCandidate(score, j, members, two_means(x, vt)))
-        if with_tails and len(members) > len(labels) / k:     # a small view hides in a large class
+        if with_tails and len(members) > TAIL_CLASS_SIZE * len(labels) / k:   # a small view hides in a large class
             low, high = tails(x, vt)
             candidates += [SplitCandidate(score, j, members, high, "high tail"),
                            SplitCandidate(score, j, members, low, "low tail")]
@@ -343,7 +344,16 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
     judge = MoveJudge(ref, state, ref.cfg.move_criterion)
     moves = MovePhase(ref, judge, shell, em_steps, max_trials or 2 * k + 4, patience, should_abort)
     state = moves.run(state, parts=("half",))
+    if not has_tail_class(state):
+        return state                  # no class large enough to hide a small view: no split analysis
     return moves.run(state, parts=("high tail", "low tail"))
+
+
+def has_tail_class(state: EMState) -> bool:
+    """Whether a class is large enough (``TAIL_CLASS_SIZE`` x the mean) for tail moves."""
+    labels = posterior(state.loglik, state.log_prior).argmax(1)
+    sizes = np.bincount(labels, minlength=state.refs.shape[0])
+    return bool(sizes.max() > TAIL_CLASS_SIZE * len(labels) / len(sizes))
 
 
 class MovePhase:
