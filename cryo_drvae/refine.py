@@ -262,14 +262,16 @@ class Refiner:
         loglik, _, stats = self.expectation(state.refs, torch.from_numpy(state.log_prior).float())
         post = posterior(loglik, state.log_prior)
         stats.weights = self.comm.sum(torch.from_numpy(post.sum(0, dtype=np.float64)))
+        spectrum = self.aligned_spectrum(stats)
         if power is None:
-            power = self.signal_power(stats)
+            power = self.signal_power(spectrum, stats)
         value = total_log_likelihood(EMState(state.refs, state.log_prior, loglik, None))
-        return value + float(self.occam_terms(stats, power).sum()), power
+        return value + float(self.occam_terms(spectrum, stats, power).sum()), power
 
-    def signal_power(self, stats: Statistics) -> torch.Tensor:
-        """Per-shell signal power of a class reference, pooled over classes (>= 0)."""
-        spectrum, ctf2 = self.aligned_spectrum(stats), stats.ctf2_sums[:, self.shells].double()
+    def signal_power(self, spectrum: torch.Tensor, stats: Statistics) -> torch.Tensor:
+        """Per-shell signal power of a class reference, pooled over classes (>= 0); ``spectrum``:
+        :meth:`aligned_spectrum` of ``stats``."""
+        ctf2 = stats.ctf2_sums[:, self.shells].double()
         safe = ctf2.clamp(min=1e-12)
         excess = ((spectrum.abs().double() ** 2 - ctf2 * self.ws.noise_var) / safe ** 2).clamp(min=0)
         n_shells = stats.ctf2_sums.shape[1]
@@ -277,7 +279,7 @@ class Refiner:
         den = shell_sum(ctf2.sum(0, keepdim=True), self.shells, n_shells)[0]
         return num / den.clamp(min=1e-12)
 
-    def occam_terms(self, stats: Statistics, power: torch.Tensor) -> NDArray:
+    def occam_terms(self, spectrum: torch.Tensor, stats: Statistics, power: torch.Tensor) -> NDArray:
         """Per class, log evidence minus maximum log-likelihood (<= 0), from the E-step's statistics.
 
         Per complex Fourier coefficient of a reference with prior power t and summed CTF^2 C:
@@ -286,7 +288,7 @@ class Refiner:
         box inside the solvent mask: the references live there).
         """
         noise = self.ws.noise_var
-        spectrum, ctf2 = self.aligned_spectrum(stats), stats.ctf2_sums[:, self.shells]
+        ctf2 = stats.ctf2_sums[:, self.shells]
         ratio = power[self.shells][None] * ctf2.double() / noise
         fit = spectrum.abs().double() ** 2 / (noise * ctf2.double().clamp(min=1e-12))
         per_coefficient = -torch.log1p(ratio) - fit / (1.0 + ratio)

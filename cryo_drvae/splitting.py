@@ -181,7 +181,7 @@ def split_candidates(ref: Refiner, state: EMState, split_shell: float, with_tail
         x = member_residuals(ref, members, state.best_pose[members, j], state.refs[j], split_shell)
         score, vt = split_score(x, ref.ws.noise_var, d_eff)
         candidates.append(SplitCandidate(score, j, members, two_means(x, vt)))
-        if with_tails and len(members) > TAIL_CLASS_SIZE * len(labels) / k:   # a small view hides in a large class
+        if with_tails and holds_tails(len(members), len(labels), k):   # a small view hides in a large class
             low, high = tails(x, vt)
             candidates += [SplitCandidate(score, j, members, high, "high tail"),
                            SplitCandidate(score, j, members, low, "low tail")]
@@ -349,11 +349,16 @@ def improve_by_moves(ref: Refiner, state: EMState, shell: float, em_steps: int =
     return moves.run(state, parts=("high tail", "low tail"))
 
 
+def holds_tails(size: int, n: int, k: int) -> bool:
+    """Whether a class of ``size`` of ``n`` particles in ``k`` classes is large enough for tail moves."""
+    return size > TAIL_CLASS_SIZE * n / k
+
+
 def has_tail_class(state: EMState) -> bool:
-    """Whether a class is large enough (``TAIL_CLASS_SIZE`` x the mean) for tail moves."""
+    """Whether any class is large enough for tail moves."""
     labels = posterior(state.loglik, state.log_prior).argmax(1)
     sizes = np.bincount(labels, minlength=state.refs.shape[0])
-    return bool(sizes.max() > TAIL_CLASS_SIZE * len(labels) / len(sizes))
+    return holds_tails(int(sizes.max()), len(labels), len(sizes))
 
 
 class MovePhase:
