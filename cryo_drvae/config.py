@@ -119,6 +119,7 @@ class ClusterConfig:
     reference_filter: str = "ml_common"  # class references: "ml_common" (ML, one band limit), "ml" or "wiener"
     split_merge: bool = True           # split-and-merge moves at K, kept when the likelihood rises
     move_criterion: str = "likelihood"  # what keeps a move: "likelihood" or "evidence" (references integrated out)
+    search_margin: float = 10.0        # nats: classes this close to a particle's best at the coarse box are scored exactly; 0 = all
 
     def initial_subset_size(self, n_particles: int) -> int:
         wanted = self.init_particles or max(5000, 100 * self.n_classes)
@@ -136,6 +137,7 @@ class ClusterConfig:
                  f"--move_criterion must be 'likelihood' or 'evidence', got {self.move_criterion!r}")
         _require(self.reference_filter in ("ml", "ml_common", "wiener"),
                  f"--reference_filter must be 'ml_common', 'ml' or 'wiener', got {self.reference_filter!r}")
+        _require(self.search_margin >= 0, f"--search_margin must be >= 0, got {self.search_margin}")
         _require(self.init_particles >= 0, f"--init_particles must be >= 0, got {self.init_particles}")
 
 

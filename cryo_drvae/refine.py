@@ -27,10 +27,12 @@ from .distributed import Comm
 from .fourier import centred_radius, lowpass, rfft_weights, shell_index, shell_sum, wiener_filter
 from .preprocess import WorkingSet
 from .progress import bar as tqdm
+from .search import MIN_SHORTLISTED_CLASSES, CoarseSearch, Shortlist
 
 logger = logging.getLogger(__name__)
 
 ML_REGULARISATION = 1e-2   # x noise variance, added to the summed CTF^2 of a class's references
+SHORTLIST_ROW_CLASSES = 8  # classes per particle a shortlisted chunk is sized for
 EXP_FLOOR = -80.0          # pose log-ratios below this are exp'ed as this (1.8e-35, no float32 underflow)
 
 
@@ -129,6 +131,8 @@ class Refiner:
         edge = ws.particle_radius
         self.solvent_mask = (0.5 + 0.5 * torch.cos(torch.clamp((radius - edge) / 3.0, 0, 1) * np.pi)).float()
         self.batch = chunk_size(cfg.n_classes * self.grid.n_poses)
+        self.shortlist_batch = chunk_size(SHORTLIST_ROW_CLASSES * self.grid.n_poses)
+        self._search: CoarseSearch | None = None
         logger.debug("alignment grid: %d rotations x %d shifts, %d mask pixels",
                      len(self.grid.psi_deg), len(self.grid.shifts), self.op.n_masked)
 
@@ -203,41 +207,48 @@ class Refiner:
         One streaming pass over this rank's particles; statistics are summed over ranks.
         ``others`` ``(n,)``: log-sum over classes not in ``refs`` of likelihood x prior, for a
         partial E-step (the responsibilities of ``refs`` then share each particle with them).
+        With a coarse search (``--search_margin``), each particle is scored exactly only against
+        its shortlisted classes (``search.py``); the others get the coarse estimate.
         """
         k, p = refs.shape[0], self.grid.n_poses
         templates = self.op.forward(refs).div_(self.ws.noise_var)            # (K, P, M), one copy
         power = shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
                            self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
+        shortlist = self.shortlist(refs, log_prior)
         n = len(self.weighted)
         loglik = np.empty((n, k), dtype=np.float32)
         best_pose = np.empty((n, k), dtype=np.int32)
-        sums = torch.zeros(k * p, self.weighted.shape[1], device=self.device)
+        # (K P, M) pose-resolved sums: as large as the templates, allocated only when wanted
+        sums = torch.zeros(k * p if soft_statistics else 0, self.weighted.shape[1], device=self.device)
         ctf2_sums = torch.zeros(k, self.ws.ctf2_shells.shape[1], device=self.device)
         prior = log_prior.to(self.device)
+        batch = self.batch if shortlist is None else self.shortlist_batch
         progress = tqdm(total=n, desc="aligning", unit="particle", unit_scale=True, disable=None, leave=False)
-        for start, rows in self.weighted.chunks(self.batch):
+        for start, rows in self.weighted.chunks(batch):
             progress.update(len(rows))
             part = slice(start, start + len(rows))
             chunk = rows.to(self.device, non_blocking=True)
             ctf2 = self.ws.ctf2_shells[part].to(self.device)
             offset = -0.5 * (ctf2 @ power.t().to(self.device)) / self.ws.noise_var - np.log(p)   # (c, K)
-            # in place on the one (c, K, P) score array: fresh temporaries of that size cost
-            # more than the matrix product itself on a CPU
-            scores = pose_scores(chunk, templates)
-            best, arg = scores.max(dim=2)
-            # exp(score - best), clamped at EXP_FLOOR: float32 exp is many times slower on results
-            # that underflow (most poses once classes are sharp), and exp(-80) adds nothing
-            spread = scores.sub_(best.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
-            within = spread.sum(2)
-            class_ll = best + within.log() + offset                          # (c, K), poses marginalised
+            if shortlist is None:
+                class_ll, arg, scored = score_every_class(chunk, templates, offset)
+            else:
+                class_ll, arg, scored = score_shortlisted(chunk, templates, offset, shortlist, part)
             if soft_statistics:
                 joint = class_ll + prior[None]
+                if shortlist is not None:
+                    joint = joint.masked_fill(~shortlist.chosen[part].to(joint.device), -np.inf)
                 norm = torch.logsumexp(joint, dim=1)
                 if others is not None:
                     norm = torch.logaddexp(norm, torch.from_numpy(others[part]).to(norm))
                 resp = torch.exp(joint - norm[:, None])                      # (c, K)
-                post = spread.mul_((resp / within).unsqueeze(2))             # (c, K, P), sums to 1
-                sums += post.reshape(len(chunk), -1).t() @ chunk
+                for rows_of, j, spread, within in scored:                    # pose weights sum to 1
+                    if j is None:                                            # every row, every class
+                        post = spread.mul_((resp / within).unsqueeze(2))
+                        sums += post.reshape(len(chunk), -1).t() @ chunk
+                    else:
+                        post = spread.mul_((resp[rows_of, j] / within).unsqueeze(1))
+                        sums.view(k, p, -1)[j] += post.t() @ chunk[rows_of]
                 ctf2_sums += resp.t() @ ctf2
             loglik[part] = class_ll.cpu().numpy()
             best_pose[part] = arg.cpu().numpy()
@@ -248,6 +259,17 @@ class Refiner:
         stats = Statistics(self.comm.sum(sums.reshape(k, p, -1).cpu()), self.comm.sum(ctf2_sums.cpu()),
                            weights.cpu())
         return loglik, best_pose, stats
+
+    def shortlist(self, refs: torch.Tensor, log_prior: torch.Tensor) -> Shortlist | None:
+        """The coarse pass's shortlist of classes per particle, or None: score every class."""
+        if refs.shape[0] < MIN_SHORTLISTED_CLASSES or not CoarseSearch.applies(self):
+            return None
+        if self._search is None:
+            self._search = CoarseSearch(self, self.cfg.search_margin)
+        shortlist = self._search.shortlist(refs, log_prior)
+        logger.debug("coarse search: %.1f of %d classes per particle scored exactly",
+                     shortlist.mean_classes, refs.shape[0])
+        return shortlist
 
     # ---- model evidence: the likelihood with the references integrated out ----------------
     def log_evidence(self, state: EMState, power: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -373,6 +395,48 @@ class Refiner:
         rows = np.arange(n)
         confidence = posterior(state.loglik, state.log_prior)[rows, labels]
         return Assignment(labels, state.best_pose[rows, labels].astype(np.int64), cost[rows, labels], confidence)
+
+
+# (rows, class, pose weights, their sums): one class's (m, P) scores; class None: all rows x classes
+ScoredRows = tuple[torch.Tensor | None, int | None, torch.Tensor, torch.Tensor]
+
+
+def score_every_class(chunk: torch.Tensor, templates: torch.Tensor, offset: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[ScoredRows]]:
+    """Class log-likelihoods ``(c, K)`` and best poses of a chunk against every class at every pose,
+    with the pose weights ``exp(score - best)`` for the statistics."""
+    # in place on the one (c, K, P) score array: fresh temporaries of that size cost
+    # more than the matrix product itself on a CPU
+    scores = pose_scores(chunk, templates)
+    best, arg = scores.max(dim=2)
+    # exp(score - best), clamped at EXP_FLOOR: float32 exp is many times slower on results
+    # that underflow (most poses once classes are sharp), and exp(-80) adds nothing
+    spread = scores.sub_(best.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
+    within = spread.sum(2)
+    return best + within.log() + offset, arg, [(None, None, spread, within)]
+
+
+def score_shortlisted(chunk: torch.Tensor, templates: torch.Tensor, offset: torch.Tensor,
+                      shortlist: Shortlist, part: slice) -> tuple[torch.Tensor, torch.Tensor, list[ScoredRows]]:
+    """As :func:`score_every_class` for the shortlisted (particle, class) pairs only; the other
+    pairs get the coarse log-likelihood moved by the particle's fine-minus-coarse difference on
+    its coarse best class (so they stay at least the margin below its best) and the coarse pose."""
+    chosen = shortlist.chosen[part].to(chunk.device)
+    coarse = shortlist.coarse_ll[part].to(chunk.device)
+    class_ll = torch.empty_like(offset)
+    arg = shortlist.fine_pose[part].to(chunk.device).clone()
+    scored = []
+    for j in torch.nonzero(chosen.any(0)).flatten().tolist():
+        rows = torch.nonzero(chosen[:, j]).flatten()
+        scores = chunk[rows] @ templates[j].t()                              # (m, P)
+        best, arg[rows, j] = scores.max(dim=1)
+        spread = scores.sub_(best.unsqueeze(1)).clamp_(min=EXP_FLOOR).exp_()
+        within = spread.sum(1)
+        class_ll[rows, j] = best + within.log() + offset[rows, j]
+        scored.append((rows, j, spread, within))
+    top = coarse.masked_fill(~chosen, -np.inf).argmax(1, keepdim=True)       # chosen by construction
+    moved = coarse + (class_ll.gather(1, top) - coarse.gather(1, top))
+    return torch.where(chosen, class_ll, moved), arg, scored
 
 
 def floored_log_prior(shares: NDArray, floor: float) -> NDArray:
