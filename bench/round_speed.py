@@ -1,6 +1,7 @@
 """Particles/s of one BSK-means++ refinement round (``Refiner.bsk_step``) at a given K.
 
-    python bench/round_speed.py --i particles.star --K 100 [--j 2] [--psi_step 10]
+    python bench/round_speed.py --i particles.star --K 100 [--j 2] [--psi_step 10] [--working_box W]
+        [--search_margin NATS]
 
 References are K particles of the set (then one warm-up round sharpens them); the second round
 is timed. Prints wall and CPU seconds and particles/s.
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--K", type=int, default=100)
     parser.add_argument("--j", type=int, default=2)
     parser.add_argument("--psi_step", type=float, default=10.0)
+    parser.add_argument("--working_box", type=int, default=0, help="as classify's (0: its rule)")
+    parser.add_argument("--search_margin", type=float, default=ClusterConfig.search_margin,
+                        help="as classify's (0: every class scored exactly)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.j)
     torch.set_flush_denormal(True)
@@ -38,18 +42,23 @@ def main(argv: list[str] | None = None) -> int:
     stack = ParticleStack.from_table(table)
     pixel = float(pixel_sizes(table)[0])
     diameter = DIAMETER_FRACTION * stack.box_size * pixel
-    box = choose_working_box(stack.box_size, pixel, particle_diameter=diameter)
+    box = choose_working_box(stack.box_size, pixel, args.working_box, particle_diameter=diameter)
     ctf = params_from_particles(table.per_particle(), str(table.path))
     ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel, diameter, box, 0))
-    ref = Refiner(ws, ClusterConfig(n_classes=args.K, psi_step=args.psi_step), torch.device("cpu"))
+    cfg = ClusterConfig(n_classes=args.K, psi_step=args.psi_step, search_margin=args.search_margin)
+    ref = Refiner(ws, cfg, torch.device("cpu"))
     rows = np.random.default_rng(0).choice(len(ws), args.K, replace=False)
     refs = ws.flipped[rows] * ref.solvent_mask
     _, state = ref.bsk_step(refs, np.full(args.K, -np.log(args.K)))
     cpu, wall = time.process_time(), time.perf_counter()
     ref.bsk_step(state.refs, state.log_prior)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    print(f"K = {args.K}, {len(ws)} particles, working box {box}, psi {args.psi_step}°, {args.j} threads: "
-          f"{wall:.2f} s wall, {cpu:.2f} CPU-s, {len(ws) / wall:.0f} particles/s")
+    shortlist = ref.shortlist(state.refs, torch.from_numpy(state.log_prior).float())
+    scored = f"{shortlist.mean_classes:.1f}" if shortlist is not None else str(args.K)
+    print(f"K = {args.K}, {len(ws)} particles, working box {box}, psi {args.psi_step}°, "
+          f"search margin {args.search_margin:g}, {args.j} threads: "
+          f"{wall:.2f} s wall, {cpu:.2f} CPU-s, {len(ws) / wall:.0f} particles/s; "
+          f"{scored} classes per particle scored exactly")
     return 0
 
 

@@ -144,6 +144,9 @@ def _flags(field: str) -> tuple[str, ...]:
               default=_DEFAULTS.cluster.move_criterion, show_default=True,
               help="What keeps a split-and-merge move: the likelihood, or the evidence (class references "
                    "integrated out; better when view sizes differ a lot, worse at SNR 0.01: docs/method.md).")
+@click.option("--search_margin", type=float, default=_DEFAULTS.cluster.search_margin, show_default=True,
+              help="Coarse-to-fine class search: a particle is scored exactly against the classes within this "
+                   "many nats of its best on the low frequencies (0 = against every class).")
 @click.option("--init_particles", type=int, default=_DEFAULTS.cluster.init_particles, show_default=True,
               help="Particles the first classes are found on (0 = max(5000, 100 x K)).")
 @click.option("--epochs", "epochs_initial", type=int, default=_DEFAULTS.train.epochs_initial, show_default=True,

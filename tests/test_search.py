@@ -1,0 +1,94 @@
+"""Coarse-to-fine class search: the band-limited first pass and the shortlisted exact E-step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryo_drvae import search
+from cryo_drvae.config import ClusterConfig
+from cryo_drvae.fourier import lowpass
+from cryo_drvae.refine import Refiner, posterior
+
+from test_discovery import needs_structures, protein_set, refiner_for, template_state
+
+
+@pytest.fixture(scope="module")
+def kpr_set(tmp_path_factory):
+    """3KPR, 6 views x 100 at SNR 0.05 with CTF, shifts and in-plane rotations."""
+    return protein_set(tmp_path_factory.mktemp("kpr"), "3KPR.cif.gz")
+
+
+def with_margin(ref: Refiner, margin: float) -> Refiner:
+    return Refiner(ref.ws, ClusterConfig(n_classes=ref.cfg.n_classes, psi_step=ref.cfg.psi_step,
+                                         search_margin=margin), ref.device)
+
+
+@needs_structures
+def test_band_pass_is_the_exact_likelihood_of_band_limited_references(kpr_set):
+    # Parseval: a masked particle's inner product with a band-limited template is the sum over
+    # the band's Fourier coefficients; a wrong phase sign, rotation or weight breaks it
+    ref = refiner_for(kpr_set, search_margin=0.0)
+    state = template_state(ref, kpr_set)
+    coarse = search.CoarseSearch(ref, margin=10.0)
+    band_refs = lowpass(state.refs, coarse.shell)
+    prior = torch.from_numpy(state.log_prior).float()
+    exact, exact_pose, _ = ref.expectation(band_refs, prior, soft_statistics=False)
+    shortlist = coarse.shortlist(band_refs, prior)
+    difference = np.abs(shortlist.coarse_ll.numpy() - exact)
+    # left: the bilinear rotation's content above the band (a few nats at most); the class
+    # log-likelihoods themselves spread over tens of nats
+    assert np.median(difference) < 0.5 and difference.max() < 5.0, (np.median(difference), difference.max())
+    assert np.ptp(exact, axis=1).mean() > 20.0
+    assert np.mean(shortlist.coarse_ll.numpy().argmax(1) == exact.argmax(1)) >= 0.99
+    rows, own = np.arange(len(exact)), exact.argmax(1)
+    assert np.mean(shortlist.fine_pose.numpy()[rows, own] == exact_pose[rows, own]) > 0.9
+
+
+@needs_structures
+def test_shortlisted_e_step_matches_the_exhaustive_one_and_scores_fewer_classes(kpr_set, caplog):
+    exhaustive = refiner_for(kpr_set, search_margin=0.0)
+    state = template_state(exhaustive, kpr_set)
+    prior = torch.from_numpy(state.log_prior).float()
+    ll, pose, stats = exhaustive.expectation(state.refs, prior)
+    shortlisted = with_margin(exhaustive, 10.0)
+    short = shortlisted.shortlist(state.refs, prior)
+    assert short.mean_classes < 0.6 * state.refs.shape[0]          # it saves work at SNR 0.05
+    ll2, pose2, stats2 = shortlisted.expectation(state.refs, prior)
+    labels, labels2 = posterior(ll, state.log_prior).argmax(1), posterior(ll2, state.log_prior).argmax(1)
+    rows = np.arange(len(labels))
+    assert np.mean(labels == labels2) >= 0.995
+    assert np.mean(pose[rows, labels] == pose2[rows, labels]) >= 0.995
+    relative = (stats.pose_sums - stats2.pose_sums).norm() / stats.pose_sums.norm()
+    assert relative < 0.01, float(relative)
+    # the classes left out are estimated at least the margin below the particle's best
+    joint2 = ll2 + state.log_prior[None]
+    left_out = ~short.chosen.numpy()
+    gap = joint2.max(1, keepdims=True) - joint2
+    assert left_out.any() and gap[left_out].min() >= 10.0 - 1e-3
+
+
+@needs_structures
+def test_an_unbounded_margin_is_the_exhaustive_e_step(kpr_set):
+    exhaustive = refiner_for(kpr_set, search_margin=0.0)
+    state = template_state(exhaustive, kpr_set)
+    prior = torch.from_numpy(state.log_prior).float()
+    ll, pose, stats = exhaustive.expectation(state.refs, prior)
+    ll2, pose2, stats2 = with_margin(exhaustive, 1e9).expectation(state.refs, prior)
+    assert np.abs(ll - ll2).max() < 1e-2
+    assert np.array_equal(pose, pose2)
+    assert torch.allclose(stats.pose_sums, stats2.pose_sums, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(stats.ctf2_sums, stats2.ctf2_sums, rtol=1e-4)
+
+
+@needs_structures
+def test_few_references_are_scored_exhaustively(kpr_set):
+    # partial E-steps of split-and-merge moves hold 1-3 classes: no coarse pass for them
+    ref = refiner_for(kpr_set, search_margin=10.0)
+    state = template_state(with_margin(ref, 0.0), kpr_set)
+    few = search.MIN_SHORTLISTED_CLASSES - 1
+    ref.expectation(state.refs[:few], torch.from_numpy(state.log_prior[:few]).float())
+    assert ref._search is None
+    ref.expectation(state.refs, torch.from_numpy(state.log_prior).float())
+    assert ref._search is not None
