@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # RELION's sign for origins relative to ours: origin = ORIGIN_SIGN * shift (see to_relion_pose).
 ORIGIN_SIGN = -1.0
 PSI_SIGN = 1.0
+EXP_FLOOR = -80.0          # pose log-ratios below this are exp'ed as this (1.8e-35, no float32 underflow)
 
 
 @dataclass(frozen=True)

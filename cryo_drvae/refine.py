@@ -20,7 +20,7 @@ import torch
 from numpy.typing import NDArray
 from scipy.special import logsumexp
 
-from .alignment import PoseOperator, chunk_size, make_pose_grid, pose_scores
+from .alignment import EXP_FLOOR, PoseOperator, chunk_size, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, bsk_means, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 ML_REGULARISATION = 1e-2   # x noise variance, added to the summed CTF^2 of a class's references
 SHORTLIST_ROW_CLASSES = 8  # classes per particle a shortlisted chunk is sized for
-EXP_FLOOR = -80.0          # pose log-ratios below this are exp'ed as this (1.8e-35, no float32 underflow)
 
 
 @dataclass
@@ -420,7 +419,8 @@ def score_shortlisted(chunk: torch.Tensor, templates: torch.Tensor, offset: torc
                       shortlist: Shortlist, part: slice) -> tuple[torch.Tensor, torch.Tensor, list[ScoredRows]]:
     """As :func:`score_every_class` for the shortlisted (particle, class) pairs only; the other
     pairs get the coarse log-likelihood moved by the particle's fine-minus-coarse difference on
-    its coarse best class (so they stay at least the margin below its best) and the coarse pose."""
+    its class of best coarse log-posterior (so their log-posterior stays at least the margin below
+    its best) and the coarse pose."""
     chosen = shortlist.chosen[part].to(chunk.device)
     coarse = shortlist.coarse_ll[part].to(chunk.device)
     class_ll = torch.empty_like(offset)
@@ -434,7 +434,7 @@ def score_shortlisted(chunk: torch.Tensor, templates: torch.Tensor, offset: torc
         within = spread.sum(1)
         class_ll[rows, j] = best + within.log() + offset[rows, j]
         scored.append((rows, j, spread, within))
-    top = coarse.masked_fill(~chosen, -np.inf).argmax(1, keepdim=True)       # chosen by construction
+    top = shortlist.best[part].to(chunk.device)                              # chosen by construction
     moved = coarse + (class_ll.gather(1, top) - coarse.gather(1, top))
     return torch.where(chosen, class_ll, moved), arg, scored
 

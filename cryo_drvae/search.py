@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .alignment import EXP_FLOOR
 from .fourier import frequency_grid, rfft_weights, shell_index
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Shortlist:
     chosen: torch.Tensor        # (n, K) bool
     coarse_ll: torch.Tensor     # (n, K) band-limited class log-likelihoods, poses marginalised
     fine_pose: torch.Tensor     # (n, K) the band pass's best pose (the same grid as the exact pass)
+    best: torch.Tensor          # (n, 1) the class of highest band log-posterior (always chosen)
 
     @property
     def mean_classes(self) -> float:
@@ -62,15 +64,15 @@ class CoarseSearch:
     """The band-limited first pass of a :class:`Refiner` (same poses, low frequencies only)."""
 
     def __init__(self, fine: Refiner, margin: float):
-        self.fine, self.margin = fine, margin
+        self.fine, self.margin, self.device = fine, margin, fine.device
         box = fine.ws.box_size
         self.shell = band_shell(box)
         inside = torch.from_numpy(shell_index(box) <= self.shell)
         self.rows, self.cols = torch.nonzero(inside, as_tuple=True)             # the band's coefficients
         self.root_weight = torch.from_numpy(rfft_weights(box))[self.rows, self.cols].sqrt()
         self.band_shells = torch.from_numpy(shell_index(box))[self.rows, self.cols]
-        self.features = self._particle_features()                               # (n, 2F)
-        self.phases = self._shift_phases()                                      # (S, F) complex
+        self.features = self._particle_features().to(self.device)               # (n, 2F)
+        self.phases = self._shift_phases().to(self.device)                      # (S, F) complex
         logger.debug("coarse class search: %d Fourier coefficients up to shell %d (%d masked pixels)",
                      len(self.rows), self.shell, fine.op.n_masked)
 
@@ -81,7 +83,7 @@ class CoarseSearch:
     def _band(self, images: torch.Tensor) -> torch.Tensor:
         """``(n, W, W)`` real images -> ``(n, 2F)`` real features whose dot products are the images'
         inner products restricted to the band."""
-        coefficients = torch.fft.rfft2(images, norm="ortho")[:, self.rows, self.cols] * self.root_weight
+        coefficients = self._spectrum(images)
         return torch.cat([coefficients.real, coefficients.imag], dim=1)
 
     def _particle_features(self) -> torch.Tensor:
@@ -110,10 +112,14 @@ class CoarseSearch:
         op, box = self.fine.op, self.fine.ws.box_size
         k, n_psi, pad = refs.shape[0], len(op.grid.psi_deg), op.pad
         flat = refs.reshape(k, -1).t().to(op.device, torch.float32).contiguous()
-        padded = (op._matrix @ flat).t().reshape(k * n_psi, box + 2 * pad, box + 2 * pad).cpu()
+        padded = (op._matrix @ flat).t().reshape(k * n_psi, box + 2 * pad, box + 2 * pad)
         rotated = padded[:, pad:pad + box, pad:pad + box]
-        spectra = torch.fft.rfft2(rotated, norm="ortho")[:, self.rows, self.cols] * self.root_weight
-        return spectra.reshape(k, n_psi, -1)
+        return self._spectrum(rotated).reshape(k, n_psi, -1)
+
+    def _spectrum(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, W, W)`` -> ``(n, F)`` complex band coefficients, weighted by the rfft multiplicity."""
+        rows, cols, weight = (t.to(images.device) for t in (self.rows, self.cols, self.root_weight))
+        return torch.fft.rfft2(images, norm="ortho")[:, rows, cols] * weight
 
     def _templates(self, spectra: torch.Tensor) -> torch.Tensor:
         """``(k, P, 2F)`` real band templates (pose = rotation x shift, as ``PoseGrid``)."""
@@ -127,8 +133,9 @@ class CoarseSearch:
         ref = self.fine
         k, p, n = refs.shape[0], ref.grid.n_poses, len(self.features)
         spectra = self._rotated_spectra(refs)                                    # (K, R, F)
-        power = torch.zeros(k, ref.ws.ctf2_shells.shape[1]).index_add_(
-            1, self.band_shells.clamp(max=ref.ws.ctf2_shells.shape[1] - 1), spectra[:, 0].abs() ** 2)
+        n_shells = ref.ws.ctf2_shells.shape[1]
+        power = torch.zeros(k, n_shells).index_add_(                             # psi = 0: unrotated
+            1, self.band_shells.clamp(max=n_shells - 1), (spectra[:, 0].abs() ** 2).cpu())
         offset = -0.5 * (ref.ws.ctf2_shells @ power.t()) / ref.ws.noise_var - np.log(p)   # (n, K)
         coarse_ll = torch.empty(n, k)
         best_pose = torch.empty(n, k, dtype=torch.int64)
@@ -143,9 +150,10 @@ class CoarseSearch:
                 rows = slice(start, min(n, start + batch))
                 scores = (self.features[rows] @ flat).reshape(-1, g, p)
                 best, arg = scores.max(dim=2)
-                within = scores.sub_(best.unsqueeze(2)).clamp_(min=-80.0).exp_().sum(2)
-                coarse_ll[rows, classes] = best + within.log() + offset[rows, classes]
-                best_pose[rows, classes] = arg
+                within = scores.sub_(best.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_().sum(2)
+                coarse_ll[rows, classes] = (best + within.log()).cpu() + offset[rows, classes]
+                best_pose[rows, classes] = arg.cpu()
         joint = coarse_ll + log_prior[None].to(coarse_ll)
-        chosen = joint >= joint.max(1, keepdim=True).values - self.margin
-        return Shortlist(chosen, coarse_ll, best_pose)
+        top = joint.max(1, keepdim=True)
+        chosen = joint >= top.values - self.margin
+        return Shortlist(chosen, coarse_ll, best_pose, top.indices)

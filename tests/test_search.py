@@ -50,6 +50,8 @@ def test_band_pass_is_the_exact_likelihood_of_band_limited_references(kpr_set):
 def test_shortlisted_e_step_matches_the_exhaustive_one_and_scores_fewer_classes(kpr_set, caplog):
     exhaustive = refiner_for(kpr_set, search_margin=0.0)
     state = template_state(exhaustive, kpr_set)
+    shares = np.array([0.3, 0.25, 0.15, 0.12, 0.1, 0.08])         # unequal priors: the margin is on posteriors
+    state.log_prior = np.log(shares / shares.sum())
     prior = torch.from_numpy(state.log_prior).float()
     ll, pose, stats = exhaustive.expectation(state.refs, prior)
     shortlisted = with_margin(exhaustive, 10.0)
