@@ -147,11 +147,25 @@ class PoseOperator:
         src_x, src_y = self._rotation_sources(rel)                               # (R, S * M)
         return self._bilinear(src_x, src_y, self.box_size)
 
+    def _apply(self, references: torch.Tensor) -> torch.Tensor:
+        """The sparse matrix applied to ``(K, box, box)`` references -> ``(K, rows)``."""
+        k = references.shape[0]
+        flat = references.reshape(k, -1).t().to(self.device, torch.float32).contiguous()   # (box², K)
+        return (self._matrix @ flat).t().contiguous()
+
+    def rotations(self, references: torch.Tensor) -> torch.Tensor:
+        """``(K, box, box)`` -> ``(K, R, box, box)``: every reference at every rotation of the grid,
+        unshifted, by the same interpolation as :meth:`forward` (factored operators only)."""
+        if not self.factored:
+            raise ValueError("rotations need the factored (integer-shift) operator")
+        k, n_psi, box, pad = references.shape[0], len(self.grid.psi_deg), self.box_size, self.pad
+        padded = self._apply(references).reshape(k, n_psi, box + 2 * pad, box + 2 * pad)
+        return padded[:, :, pad:pad + box, pad:pad + box]
+
     def forward(self, references: torch.Tensor) -> torch.Tensor:
         """``(K, box, box)`` references -> ``(K, P, M)`` templates (contiguous)."""
         k = references.shape[0]
-        flat = references.reshape(k, -1).t().to(self.device, torch.float32).contiguous()   # (box², K)
-        out = (self._matrix @ flat).t().contiguous()                            # (K, rows)
+        out = self._apply(references)                                           # (K, rows)
         if self.factored:                                                       # (K, R, S*M)
             # advanced indexing of the flattened rows: ~6x faster on CPU than index_select on dim 2
             out = out.reshape(k * len(self.grid.psi_deg), -1)[:, self._gather]

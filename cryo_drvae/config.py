@@ -119,7 +119,7 @@ class ClusterConfig:
     reference_filter: str = "ml_common"  # class references: "ml_common" (ML, one band limit), "ml" or "wiener"
     split_merge: bool = True           # split-and-merge moves at K, kept when the likelihood rises
     move_criterion: str = "likelihood"  # what keeps a move: "likelihood" or "evidence" (references integrated out)
-    search_margin: float = 10.0        # nats: classes this close to a particle's best at the coarse box are scored exactly; 0 = all
+    search_margin: float = 10.0        # nats: classes this close to a particle's best on the low frequencies are scored exactly; 0 = all
 
     def initial_subset_size(self, n_particles: int) -> int:
         wanted = self.init_particles or max(5000, 100 * self.n_classes)

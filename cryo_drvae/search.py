@@ -7,8 +7,8 @@ adaptive oversampling and cryoSPARC's branch-and-bound do for poses) a first pas
 class at every pose of the same grid, but only on the low spatial frequencies: by Parseval, a
 masked particle's inner product with a template band-limited to shell ``b`` is the sum over the
 Fourier coefficients inside ``b`` alone, about ``pi b^2 / 2`` complex numbers per particle
-(computed once) instead of ``M`` pixels. With ``b = W / 6`` that pass costs about an eighth of an
-exact one. The exact E-step then runs only on the classes whose coarse log-posterior is within
+(computed once) instead of ``M`` pixels. With ``b = W / 6`` that pass takes about an eighth of the
+flops of an exact one. The exact E-step then runs only on the classes whose coarse log-posterior is within
 ``margin`` nats of the particle's best; the others get an estimate at least ``margin`` below the
 best, and no responsibility.
 
@@ -109,12 +109,9 @@ class CoarseSearch:
     def _rotated_spectra(self, refs: torch.Tensor) -> torch.Tensor:
         """``(K, R, F)`` band coefficients of every reference at every rotation of the grid, rotated
         by the exact pass's own interpolation."""
-        op, box = self.fine.op, self.fine.ws.box_size
-        k, n_psi, pad = refs.shape[0], len(op.grid.psi_deg), op.pad
-        flat = refs.reshape(k, -1).t().to(op.device, torch.float32).contiguous()
-        padded = (op._matrix @ flat).t().reshape(k * n_psi, box + 2 * pad, box + 2 * pad)
-        rotated = padded[:, pad:pad + box, pad:pad + box]
-        return self._spectrum(rotated).reshape(k, n_psi, -1)
+        rotated = self.fine.op.rotations(refs)                                  # (K, R, W, W)
+        k, n_psi, box = rotated.shape[:3]
+        return self._spectrum(rotated.reshape(k * n_psi, box, box)).reshape(k, n_psi, -1)
 
     def _spectrum(self, images: torch.Tensor) -> torch.Tensor:
         """``(n, W, W)`` -> ``(n, F)`` complex band coefficients, weighted by the rfft multiplicity."""

@@ -47,7 +47,7 @@ def test_band_pass_is_the_exact_likelihood_of_band_limited_references(kpr_set):
 
 
 @needs_structures
-def test_shortlisted_e_step_matches_the_exhaustive_one_and_scores_fewer_classes(kpr_set, caplog):
+def test_shortlisted_e_step_matches_the_exhaustive_one_and_scores_fewer_classes(kpr_set):
     exhaustive = refiner_for(kpr_set, search_margin=0.0)
     state = template_state(exhaustive, kpr_set)
     shares = np.array([0.3, 0.25, 0.15, 0.12, 0.1, 0.08])         # unequal priors: the margin is on posteriors
