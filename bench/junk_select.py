@@ -4,8 +4,9 @@
     python bench/junk_select.py --sim SIMDIR --run RUN_PREFIX [--select SELECTDIR] [--label TEXT]
 
 ``SIMDIR`` is a ``cryo-drvae simulate --junk F`` folder (truth class 0 = junk), ``RUN_PREFIX`` a
-``classify`` output prefix, ``SELECTDIR`` a ``cryo-drvae select`` output folder. Prints one
-markdown row; ``--header`` prints the header first.
+``classify`` output prefix (or a RELION ``run_itNNN``: its ``_data.star``), ``SELECTDIR`` a
+``cryo-drvae select`` output folder. Prints one markdown row (``--header``: the header first), then
+a line with what the person's classes and the selection keep of each junk kind.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryo_drvae.evaluate import true_classes  # noqa: E402
+from cryo_drvae.junk import JUNK_KINDS  # noqa: E402
 from cryo_drvae.star_io import read_particles  # noqa: E402
 
 HEADER = ("| set | K | good / junk picks | person keeping >= 50 %-good classes: precision / recall | "
@@ -67,7 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         print(HEADER)
     print(f"| {args.label or args.sim.name} | {len(np.unique(labels))} | {n_good} / {len(truth) - n_good} | "
           f"{person[0]:.3f} / {person[1]:.3f} | {owned} of {n_views} | {chosen} |")
+    kinds = junk_kinds(args.sim / "truth.csv", data["rlnImageName"])
+    kept_by_select = (np.isin(data["rlnImageName"], selected["rlnImageName"]) if args.select
+                      else np.zeros(len(kinds), bool))
+    print("junk kept (person's classes / select) of all: " + ", ".join(
+        f"{kind} {int((kept & (kinds == kind)).sum())} / {int((kept_by_select & (kinds == kind)).sum())} "
+        f"of {int((kinds == kind).sum())}" for kind in JUNK_KINDS))
     return 0
+
+
+def junk_kinds(truth_csv: Path, names) -> np.ndarray:
+    """The truth's ``kind`` of each named image."""
+    truth = pd.read_csv(truth_csv).set_index("image_name")
+    return truth.loc[list(names), "kind"].to_numpy()
 
 
 if __name__ == "__main__":

@@ -230,14 +230,18 @@ def simulate(out_dir: str, project_dir: str, **options: Any) -> None:
               help="Keep classes with rlnClassScore >= this (default 0.9; none when --classes is given).")
 @click.option("--min_resolution", type=float, default=None, help="Keep classes resolved to this (Å) or better.")
 @click.option("--classes", default=None, help="Keep these class numbers, e.g. 1,4,7.")
+@click.option("--min_fom", type=float, default=None,
+              help="Drop particles of kept classes whose rlnParticleFigureOfMerit (fit to the class "
+                   "average) is below this (default 0.01; 0 keeps whole classes).")
 @clean_errors
 def select_command(input: str, output_dir: str, min_score: float | None, min_resolution: float | None,
-                   classes: str | None) -> None:
+                   classes: str | None, min_fom: float | None) -> None:
     """Select good classes: particles.star, class_averages.star, rank_model.star, rank_classes.png."""
     from .selection import SelectionConfig, parse_classes, select_classes
 
     setup_logging()
-    paths = select_classes(SelectionConfig(input, output_dir, min_score, min_resolution, parse_classes(classes)))
+    paths = select_classes(SelectionConfig(input, output_dir, min_score, min_resolution, parse_classes(classes),
+                                           min_fom))
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
 

@@ -24,7 +24,9 @@ The mix of kinds is drawn per seed (Dirichlet(4) weights, every kind present whe
 five junk picks), and every size, contrast and position is drawn per pick, so nothing downstream
 can be tuned to one recipe. In ``truth.csv`` a junk row has ``class``, ``shape`` and ``view`` 0;
 its ``psi_deg``/``shift_*`` are the pose of its main feature (first particle of an aggregate, the
-broken particle, the centre of the largest disc, the edge normal and its nearest point).
+broken particle, the centre of the largest disc, the edge normal and its nearest point), and its
+``source_view`` the class (1-based) of that main particle for aggregates and broken picks (0 otherwise;
+real rows 0 too), so tests can place them in the class they resemble.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 JUNK_KINDS = ("empty", "disc", "carbon", "aggregate", "broken")
 PARTICLE_KIND = "particle"
 KIND_COLUMN = "kind"
+SOURCE_VIEW_COLUMN = "source_view"
 _STREAM_TAG = 0x4A554E4B      # "JUNK": junk draws never disturb the simulator's own streams
 
 
@@ -84,6 +87,7 @@ def mark_junk(truth: pd.DataFrame, cfg) -> pd.DataFrame:
     truth[KIND_COLUMN] = PARTICLE_KIND
     truth.loc[junk_rows, KIND_COLUMN] = np.asarray(JUNK_KINDS)[kinds]
     truth.loc[junk_rows, ["class", "shape", "view"]] = 0
+    truth[SOURCE_VIEW_COLUMN] = 0
     counts = truth.loc[junk_rows, KIND_COLUMN].value_counts()
     logger.info("junk: %d of %d picks (%s)", len(junk_rows), len(truth),
                 ", ".join(f"{k} {counts.get(k, 0)}" for k in JUNK_KINDS))
@@ -121,8 +125,8 @@ def render_junk(scene, cfg, truth: pd.DataFrame, index: pd.Index, images: NDArra
     densities = np.zeros((len(junk), padded, padded), dtype=np.float32)
     for i, (label, row) in enumerate(picked.iterrows()):
         draw = _generator(cfg.seed, 1, int(label))
-        densities[i], pose = _DRAWERS[row[KIND_COLUMN]](draw, scene, cfg, padded, level)
-        truth.loc[label, ["psi_deg", "shift_x_px", "shift_y_px"]] = pose
+        densities[i], pose, view = _DRAWERS[row[KIND_COLUMN]](draw, scene, cfg, padded, level)
+        truth.loc[label, ["psi_deg", "shift_x_px", "shift_y_px", SOURCE_VIEW_COLUMN]] = (*pose, view)
     signal = _crop(sim.apply_ctf(densities, ctf, cfg.pixel_size), box)
     noise_sd = _particle_noise_sd(scene, cfg, ctf, _generator(cfg.seed, 2, int(picked.index[0])))
     noisy = signal + rng.standard_normal(signal.shape, dtype=np.float32) * noise_sd[:, None, None]
@@ -167,7 +171,7 @@ def _empty(rng, scene, cfg, size, level):
     x, y = _grid(size)
     angle = rng.uniform(0, 2 * np.pi)
     ramp = rng.uniform(0.0, 0.3) * level * (x * np.cos(angle) + y * np.sin(angle)) / size
-    return ramp.astype(np.float32), (rng.uniform(0, 360), 0.0, 0.0)
+    return ramp.astype(np.float32), (rng.uniform(0, 360), 0.0, 0.0), 0
 
 
 def _disc(rng, scene, cfg, size, level):
@@ -188,7 +192,7 @@ def _disc(rng, scene, cfg, size, level):
             profile = _sigmoid((radius - distance) / rng.uniform(0.5, 2.0))
         sign = 1.0 if rng.uniform() < 0.8 else -1.0
         density += sign * rng.uniform(1.5, 8.0) * level * profile
-    return density.astype(np.float32), (rng.uniform(0, 360), *centres[0])
+    return density.astype(np.float32), (rng.uniform(0, 360), *centres[0]), 0
 
 
 def _carbon(rng, scene, cfg, size, level):
@@ -208,7 +212,7 @@ def _carbon(rng, scene, cfg, size, level):
     texture *= rng.uniform(0.0, 0.05) / max(float(texture.std()), 1e-12)
     sign = 1.0 if rng.uniform() < 0.8 else -1.0
     density = sign * rng.uniform(1.0, 5.0) * level * step * (1.0 + texture)
-    return density.astype(np.float32), (float(np.rad2deg(angle)), *(offset * normal))
+    return density.astype(np.float32), (float(np.rad2deg(angle)), *(offset * normal)), 0
 
 
 def _place(scene, xy: NDArray, weights: NDArray, size: int) -> NDArray[np.float32]:
@@ -218,11 +222,13 @@ def _place(scene, xy: NDArray, weights: NDArray, size: int) -> NDArray[np.float3
     return render_projections(one, np.zeros(1, dtype=np.int64), np.zeros(1), np.zeros((1, 2)), size)[0]
 
 
-def _posed_atoms(rng, scene, psi_deg: float, shift: NDArray) -> tuple[NDArray, NDArray]:
-    xy, weights = scene.class_atoms(int(rng.integers(scene.n_classes)))
+def _posed_atoms(rng, scene, psi_deg: float, shift: NDArray) -> tuple[NDArray, NDArray, int]:
+    """A random class's atoms at a pose, and that class (1-based)."""
+    k = int(rng.integers(scene.n_classes))
+    xy, weights = scene.class_atoms(k)
     psi = np.deg2rad(psi_deg)
     rot = np.array([[np.cos(psi), -np.sin(psi)], [np.sin(psi), np.cos(psi)]])
-    return xy @ rot.T + shift, weights
+    return xy @ rot.T + shift, weights, k + 1
 
 
 def _aggregate(rng, scene, cfg, size, level):
@@ -237,19 +243,19 @@ def _aggregate(rng, scene, cfg, size, level):
         if member:
             t = rng.uniform(0, 2 * np.pi)
             centre = centre + rng.uniform(0.4, 0.85) * diameter_px * np.array([np.cos(t), np.sin(t)])
-        xy, w = _posed_atoms(rng, scene, psi, centre)
+        xy, w, view = _posed_atoms(rng, scene, psi, centre)
         all_xy.append(xy)
         all_w.append(w)
         if member == 0:
-            pose = (first_psi, *centre)
-    return _place(scene, np.concatenate(all_xy), np.concatenate(all_w), size), pose
+            pose, main_view = (first_psi, *centre), view
+    return _place(scene, np.concatenate(all_xy), np.concatenate(all_w), size), pose, main_view
 
 
 def _broken(rng, scene, cfg, size, level):
     psi = rng.uniform(0, 360)
     r, t = cfg.max_shift_px * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
     shift = np.array([r * np.cos(t), r * np.sin(t)])
-    xy, weights = _posed_atoms(rng, scene, psi, shift)
+    xy, weights, view = _posed_atoms(rng, scene, psi, shift)
     removed = rng.uniform(0.25, 0.6)
     t = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(t), np.sin(t)])
@@ -259,7 +265,7 @@ def _broken(rng, scene, cfg, size, level):
         rim = shift + direction * np.linalg.norm(xy - shift, axis=1).max()
         along = -np.linalg.norm(xy - rim, axis=1)
     keep = along < np.quantile(along, 1.0 - removed)
-    return _place(scene, xy[keep], weights[keep], size), (psi, *shift)
+    return _place(scene, xy[keep], weights[keep], size), (psi, *shift), view
 
 
 _DRAWERS = {"empty": _empty, "disc": _disc, "carbon": _carbon, "aggregate": _aggregate, "broken": _broken}

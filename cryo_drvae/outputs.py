@@ -65,6 +65,9 @@ class ClassificationResult:
         One entry per round: ``{"round": int, "changed_fraction": float, "loss": float, ...}``.
     particle_diameter_px : float
         Particle diameter in px of the averages, the circle ``scoring`` measures inside (0 = 60 % of the box).
+    figure_of_merit : numpy.ndarray or None
+        ``(n,)`` how well each particle fits its class average at its pose, in [0, 1]
+        (``screening``; written as rlnParticleFigureOfMerit), None when not measured.
     """
 
     labels: np.ndarray
@@ -76,6 +79,7 @@ class ClassificationResult:
     pixel_size: float
     history: list[dict] = field(default_factory=list)
     particle_diameter_px: float = 0.0    # mask diameter for the class score (0 = 60 % of the box)
+    figure_of_merit: np.ndarray | None = None
 
     @property
     def n_classes(self) -> int:
@@ -126,7 +130,8 @@ def write_run_outputs(prefix: str | os.PathLike, table: star_io.ParticleTable,
 
     The data STAR holds the input particles (3.1+ format, all input columns) plus
     ``rlnClassNumber`` (1-based), ``rlnAnglePsi``, ``rlnOriginXAngst/YAngst`` (origin in px
-    times each particle's pixel size) and ``rlnMaxValueProbDistribution`` (confidence); where
+    times each particle's pixel size) and ``rlnMaxValueProbDistribution`` (confidence), ``rlnParticleFigureOfMerit`` (the particle's
+    fit to its class average, ``screening``) when measured; where
     the input lacks them, RELION's neutral values ``rlnGroupNumber`` 1, ``rlnAngleRot`` 0,
     ``rlnAngleTilt`` 0, ``rlnNormCorrection`` 1, ``rlnLogLikeliContribution`` 0 and
     ``rlnNrOfSignificantSamples`` 1.
@@ -219,6 +224,8 @@ def _particle_columns(table: star_io.ParticleTable,
                                                               dtype=np.float64)
     if star_io.NR_OF_SIGNIFICANT_SAMPLES not in present:
         columns[star_io.NR_OF_SIGNIFICANT_SAMPLES] = np.ones(n, dtype=np.int64)
+    if result.figure_of_merit is not None:
+        columns[star_io.PARTICLE_FIGURE_OF_MERIT] = np.asarray(result.figure_of_merit, dtype=np.float64)
     return columns
 
 

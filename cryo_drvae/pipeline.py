@@ -2,7 +2,8 @@
 
 ``classify`` calls the stages of the data path in order: read the particles (STAR or .cs), open
 their stack, read the CTF, prepare the working set, train the DRVAE (``--drvae``), find the first
-classes, run the refinement rounds, compute the full-size averages, write the outputs.
+classes, run the refinement rounds, compute the full-size averages and each particle's fit to its
+average (``screening.py``), write the outputs.
 Run set-up is in ``runtime.py``; the round state is checkpointed (``checkpoint.py``) after the
 first classes and after every round, so ``--continue`` resumes an interrupted job.
 """
@@ -35,6 +36,7 @@ from .outputs import ClassificationResult, write_run_outputs
 from .preprocess import Preparation, WorkingSet, choose_working_box, plan_preparation, prepare_working_set
 from .refine import Assignment, Refiner, floored_log_prior, posterior
 from .runtime import StageTimer, loader_workers, remove_scratch, scratch_folder, set_up
+from .screening import figure_of_merit, measure_fit
 from .splitting import grow_classes
 from .stack import ParticleStack
 from .star_io import ParticleTable, pixel_sizes
@@ -278,7 +280,8 @@ def changed_fraction(before: NDArray, after: NDArray) -> float:
 
 def final_result(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, ws: WorkingSet, refiner: Refiner,
                  state: RoundState, abort: Callable[[], bool]) -> ClassificationResult:
-    """Full-size averages from the final poses, converted to RELION's conventions."""
+    """Full-size averages from the final poses, each particle's fit to its average (``screening``),
+    converted to RELION's conventions."""
     assignment = state.assignment
     psi, shift_working = refiner.grid.decode(assignment.pose)
     shift = shift_working * ws.scale
@@ -286,12 +289,15 @@ def final_result(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float,
     averages, resolution = class_averages(stack, ctf, pixel_size, assignment.labels, psi, shift,
                                           refiner.cfg.n_classes, noise_var, particles=ws.particles,
                                           reduce=refiner.comm.sum, should_abort=abort)
+    fit = measure_fit(stack, ctf, pixel_size, assignment.labels, psi, shift, averages, noise_var,
+                      radius_px=ws.particle_radius * ws.scale, particles=ws.particles, reduce=refiner.comm.sum)
     relion_psi, relion_origin = to_relion_pose(psi, shift)
     return ClassificationResult(labels=assignment.labels, psi_deg=relion_psi, origin_px=relion_origin,
                                 confidence=np.clip(assignment.confidence, 0.0, 1.0),
                                 class_averages=averages, class_resolution=resolution,
                                 pixel_size=pixel_size, history=state.history,
-                                particle_diameter_px=2 * (ws.particle_radius - 1) * ws.scale)   # less the 1-px margin
+                                particle_diameter_px=2 * (ws.particle_radius - 1) * ws.scale,   # less the 1-px margin
+                                figure_of_merit=figure_of_merit(fit, assignment.labels, refiner.cfg.n_classes))
 
 
 def write_everything(cfg: RunConfig, table: ParticleTable, result: ClassificationResult) -> dict[str, Path]:

@@ -5,7 +5,9 @@
 
 A class is kept when it has members and passes every given criterion: ``rlnClassScore >= min_score``
 (``scoring``), ``rlnEstimatedResolution <= min_resolution`` (Å) and membership of ``classes``.
-With ``classes`` alone, exactly those classes are kept. The score is read from the model STAR;
+With ``classes`` alone, exactly those classes are kept. Within the kept classes, particles whose
+``rlnParticleFigureOfMerit`` (their fit to the class average, ``screening``) is below ``min_fom``
+are dropped: aggregates and broken particles that joined a real view's class. The score is read from the model STAR;
 a model without it (e.g. RELION's own Class2D output) is scored here from its class averages and
 data STAR (``scoring.class_scores``).
 
@@ -28,7 +30,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
-from . import plots, scoring, star_io
+from . import plots, scoring, screening, star_io
 from .errors import ConfigError, InputFileError
 from .io_utils import ensure_output_prefix
 
@@ -54,6 +56,8 @@ class SelectionConfig:
         score criterion when ``classes`` is given).
     min_resolution : keep classes whose estimated resolution is at least this good, Å (None: any).
     classes : 1-based class numbers to keep (None: all that pass the criteria).
+    min_fom : within kept classes, keep particles with ``rlnParticleFigureOfMerit >= min_fom``
+        (None: ``screening.DEFAULT_MIN_FOM`` when the data STAR has the column; 0: keep them all).
     """
 
     input: str
@@ -61,8 +65,11 @@ class SelectionConfig:
     min_score: float | None = None
     min_resolution: float | None = None
     classes: tuple[int, ...] | None = None
+    min_fom: float | None = None
 
     def __post_init__(self) -> None:
+        if self.min_fom is not None and not 0.0 <= self.min_fom <= 1.0:
+            raise ConfigError(f"--min_fom must be in [0, 1], got {self.min_fom}")
         if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"--min_score must be in [0, 1], got {self.min_score}")
         if self.min_resolution is not None and self.min_resolution <= 0:
@@ -87,16 +94,28 @@ class Selection:
     classes: pd.DataFrame          # data_model_classes, with rlnClassScore and rlnSelected
     particles: star_io.ParticleTable
     averages_path: Path
+    min_fom: float = 0.0           # particles of kept classes below this figure of merit are dropped
 
     @property
     def kept(self) -> np.ndarray:
         """``(K,)`` bool, class k (0-based) kept."""
         return self.classes[SELECTED_COLUMN].to_numpy() == 1
 
-    def kept_particles(self) -> np.ndarray:
-        """``(n,)`` bool, particle kept."""
+    def in_kept_classes(self) -> np.ndarray:
+        """``(n,)`` bool, particle in a kept class."""
         labels = pd.to_numeric(self.particles.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64)
         return np.isin(labels, np.flatnonzero(self.kept) + 1)
+
+    def kept_particles(self) -> np.ndarray:
+        """``(n,)`` bool, particle kept: in a kept class and fitting its average."""
+        return self.in_kept_classes() & self.fitting_particles()
+
+    def fitting_particles(self) -> np.ndarray:
+        """``(n,)`` bool, figure of merit at least ``min_fom`` (all True without the column)."""
+        table = self.particles.particles
+        if not self.min_fom or star_io.PARTICLE_FIGURE_OF_MERIT not in table:
+            return np.ones(len(table), bool)
+        return pd.to_numeric(table[star_io.PARTICLE_FIGURE_OF_MERIT]).to_numpy(np.float64) >= self.min_fom
 
 
 def parse_classes(text: str | None) -> tuple[int, ...] | None:
@@ -220,7 +239,17 @@ def load_selection(cfg: SelectionConfig) -> Selection:
     classes[SELECTED_COLUMN] = keep.astype(np.int64)
     if star_io.PARTICLE_NUMBER not in classes:
         classes[star_io.PARTICLE_NUMBER] = counts
-    return Selection(prefix, general, classes, particles, averages_path)
+    return Selection(prefix, general, classes, particles, averages_path, _min_fom(cfg, particles, data_path))
+
+
+def _min_fom(cfg: SelectionConfig, particles: star_io.ParticleTable, data_path: Path) -> float:
+    """The figure-of-merit threshold applied: the given one, else the default when the data has it."""
+    if star_io.PARTICLE_FIGURE_OF_MERIT in particles.particles:
+        return screening.DEFAULT_MIN_FOM if cfg.min_fom is None else cfg.min_fom
+    if cfg.min_fom:
+        logger.warning("%s has no %s column: --min_fom %s is not applied (whole classes are kept)",
+                       data_path, star_io.PARTICLE_FIGURE_OF_MERIT, cfg.min_fom)
+    return 0.0
 
 
 def write_selection(selection: Selection, output_dir: str | os.PathLike) -> dict[str, Path]:
@@ -244,6 +273,10 @@ def write_selection(selection: Selection, output_dir: str | os.PathLike) -> dict
     star_io.write_star_blocks(paths["class_averages"], {"model_classes": kept_classes})
     if not len(kept_table):
         logger.warning("no class passed the selection; particles.star has no particles")
+    dropped = int(selection.in_kept_classes().sum() - kept_rows.sum())
+    if dropped:
+        logger.info("dropped %d particles of the kept classes that fit their class average poorly "
+                    "(%s < %g; --min_fom 0 keeps them)", dropped, star_io.PARTICLE_FIGURE_OF_MERIT, selection.min_fom)
     star_io.write_particles(paths["particles"], kept_table, {}, image_size=int(averages.shape[-1]))
     logger.info("kept %d of %d classes, %d of %d particles -> %s", int(selection.kept.sum()), len(classes),
                 int(kept_rows.sum()), len(kept_rows), paths["particles"])

@@ -62,7 +62,7 @@ from .io_utils import atomic_path
 from .normalise import background_mask
 from .progress import bar as tqdm
 from .structures import AtomicModel, read_atomic_model
-from .junk import KIND_COLUMN, mark_junk, render_junk
+from .junk import KIND_COLUMN, SOURCE_VIEW_COLUMN, mark_junk, render_junk
 
 logger = logging.getLogger(__name__)
 
@@ -619,7 +619,7 @@ def _write_text(path: Path, text: str) -> None:
 def write_truth(out_dir: Path, truth: pd.DataFrame) -> Path:
     """``truth.csv`` (columns ``TRUTH_COLUMNS``) and ``truth_conventions.txt``."""
     path = out_dir / "truth.csv"
-    columns = TRUTH_COLUMNS + [c for c in (KIND_COLUMN,) if c in truth]   # junk sets only
+    columns = TRUTH_COLUMNS + [c for c in (KIND_COLUMN, SOURCE_VIEW_COLUMN) if c in truth]   # junk sets only
     with atomic_path(path) as tmp:
         truth[columns].to_csv(tmp, index=False, float_format="%.6f")
     _write_text(out_dir / "truth_conventions.txt", GEOMETRY_CONVENTIONS)

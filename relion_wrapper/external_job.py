@@ -8,7 +8,7 @@ RELION starts this program from the project directory as::
 It classifies the particles with :func:`cryo_drvae.pipeline.run`, writes the RELION-style
 ``run_itNNN_{data,model,optimiser}.star`` files, declares them in ``RELION_OUTPUT_NODES.star``
 and reports the outcome with RELION's marker files (``RELION_JOB_EXIT_SUCCESS``, ``..._FAILURE``,
-``..._ABORTED``). With ``--auto_select [--min_score S]`` it also selects the good classes
+``..._ABORTED``). With ``--auto_select [--min_score S] [--min_fom F]`` it also selects the good classes
 (:mod:`cryo_drvae.selection`) into the job folder and declares the selected ``particles.star``
 (and ``class_averages.star``) as extra output nodes. See ``docs/relion.md`` and ``docs/selection.md``.
 """
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also select the good classes (cryo-drvae select) into the job folder: particles.star, "
                         "class_averages.star, rank_model.star, rank_classes.png")
     p.add_argument("--min_score", default=None, help="--auto_select: keep classes scoring at least this (0-1)")
+    p.add_argument("--min_fom", default=None,
+                   help="--auto_select: drop particles of kept classes with rlnParticleFigureOfMerit below this "
+                        "(default 0.01; 0 keeps whole classes)")
     group = p.add_argument_group("classification options (any DataConfig/TrainConfig/ClusterConfig field)")
     for name in _config_fields():
         flags = _ALIASES.get(name, (f"--{name}",))
@@ -296,15 +299,17 @@ def _selection_names() -> tuple[str, ...]:
 
 
 def selection_from_args(args: argparse.Namespace, prefix: str, job_dir: str):
-    """The SelectionConfig for ``--auto_select [--min_score S]``, or None without --auto_select."""
+    """The SelectionConfig for ``--auto_select [--min_score S] [--min_fom F]``, or None without --auto_select."""
     from cryo_drvae.selection import SelectionConfig
     wanted = _convert("auto_select", args.auto_select, False) if args.auto_select is not None else False
     if not wanted:
-        if args.min_score is not None:
-            logger.warning("--min_score %s is ignored without --auto_select", args.min_score)
+        for name in ("min_score", "min_fom"):
+            if getattr(args, name) is not None:
+                logger.warning("--%s %s is ignored without --auto_select", name, getattr(args, name))
         return None
     min_score = _convert("min_score", args.min_score, 0.0) if args.min_score is not None else None
-    return SelectionConfig(prefix, job_dir, min_score=min_score)
+    min_fom = _convert("min_fom", args.min_fom, 0.0) if args.min_fom is not None else None
+    return SelectionConfig(prefix, job_dir, min_score=min_score, min_fom=min_fom)
 
 
 def auto_select(selection_cfg) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from cryo_drvae.pipeline import run
 from conftest import fast_config
 
 NEW_COLUMNS = ["rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-               "rlnMaxValueProbDistribution"]
+               "rlnMaxValueProbDistribution", "rlnParticleFigureOfMerit"]
 
 
 def true_labels(sim, data: pd.DataFrame) -> np.ndarray:
@@ -54,6 +54,8 @@ def test_data_star_keeps_every_input_column_and_row(classified):
     assert classes.min() >= 1 and classes.max() <= 4
     confidence = written["particles"]["rlnMaxValueProbDistribution"]
     assert confidence.between(0, 1).all()
+    fom = written["particles"]["rlnParticleFigureOfMerit"]   # clean particles: nearly all fit their class
+    assert fom.between(0, 1).all() and (fom >= 0.01).mean() >= 0.95
 
 
 @pytest.mark.slow

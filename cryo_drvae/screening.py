@@ -1,0 +1,154 @@
+"""Per-particle screening: does each particle look like its class average at its pose?
+
+A class-level choice keeps or drops whole classes, but aggregates and broken particles carry a real
+view and join its class. Two tests per particle, against its own class average placed at its pose
+and multiplied by its CTF (the prediction ``p``):
+
+* **amplitude**: the least-squares scale ``a = <x, p> / <p, p>`` of the prediction in the particle
+  ``x``. A broken particle holds only part of the view, so ``a`` is low (empty ice: about 0).
+* **excess**: the residual ``x - a p`` weighted in Fourier space by the particle's CTF^2 times the
+  class average's power per shell (a matched filter for more of the same protein). A neighbour of an
+  aggregate adds such power; noise alone does not.
+
+Each statistic is divided by its noise sd (from the noise variance and the prediction), then
+centred and scaled per class by the median and MAD of its members, so the test adapts to
+each class's fit and to coloured noise; a class of fewer than ``MIN_CLASS_FOR_OWN_SCALE``
+members uses the scale pooled over all particles. The evidence of a bad fit is
+``max(-z_amplitude, z_excess)``, and the figure of merit written as ``rlnParticleFigureOfMerit``
+is its two-sided tail probability ``min(1, 2 Phi(-evidence))``: 1 for a typical member, 0.01 for a
+particle that a good member matches in 1 of 100 cases.
+
+>>> fit = measure_fit(stack, ctf, pixel_size, labels, psi, shift, averages, noise_var, radius_px)
+>>> fom = figure_of_merit(fit, labels)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from scipy.special import ndtr
+
+from .alignment import transform_images
+from .ctf import CtfParams, ctf_images
+from .fourier import circular_mask, rfft_weights, shell_index, shell_mean
+from .preprocess import read_batch_size
+from .progress import bar as tqdm
+from .stack import ParticleStack
+
+#: Classes with fewer members than this take the scale of the statistics pooled over all particles.
+MIN_CLASS_FOR_OWN_SCALE = 20
+#: ``select``'s default: particles with a figure of merit below this are dropped from kept classes.
+DEFAULT_MIN_FOM = 0.01
+MAD_TO_SD = 1.4826
+#: Values beyond this many sd are left out when the bulk's mean and sd are re-estimated.
+TRIM_CUT = 2.5
+# sd of a standard normal truncated at +-TRIM_CUT
+_TRUNCATED_SD = float(np.sqrt(1 - 2 * TRIM_CUT * np.exp(-TRIM_CUT ** 2 / 2) / np.sqrt(2 * np.pi) / (2 * ndtr(TRIM_CUT) - 1)))
+
+
+@dataclass(frozen=True)
+class ParticleFit:
+    """Per particle (input row order): the two statistics in units of their noise sd."""
+
+    amplitude: NDArray[np.float64]     # (n,) a / sd(a)
+    excess: NDArray[np.float64]        # (n,) (residual band power - noise) / its noise sd
+
+
+def measure_fit(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float, labels: NDArray,
+                psi_deg: NDArray, shift_px: NDArray, averages: NDArray, noise_var: float, radius_px: float,
+                batch_size: int | None = None, particles: NDArray | None = None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] = lambda values: values) -> ParticleFit:
+    """Both statistics for ``particles`` (default all) in one streaming pass over the stack.
+
+    Poses are in our convention with shifts in original pixels, as ``averaging.class_averages``
+    takes them; ``averages`` ``(K, B, B)`` are the CTF-corrected class averages. ``reduce`` sums the
+    per-particle arrays over ranks (each rank fills its own particles).
+    """
+    box = stack.box_size
+    refs = torch.from_numpy(averages * circular_mask(box, radius_px)[None].astype(np.float32))
+    mult = torch.from_numpy(rfft_weights(box))
+    shells = torch.from_numpy(shell_index(box)).clamp(max=box // 2)
+    power = shell_mean(torch.fft.rfft2(refs, norm="ortho").abs() ** 2, shells, box // 2 + 1)[:, shells]
+    amplitude = torch.zeros(stack.n_particles, dtype=torch.float64)
+    excess = torch.zeros(stack.n_particles, dtype=torch.float64)
+    chosen = np.arange(stack.n_particles) if particles is None else particles
+    batch_size = batch_size or read_batch_size(box, most=512)
+    for index, images in tqdm(stack.iter_batches(batch_size, chosen), desc="screening particles",
+                              total=-(-len(chosen) // batch_size), disable=None, leave=False):
+        group = torch.from_numpy(labels[index])
+        placed = transform_images(refs[group], torch.from_numpy(psi_deg[index]),
+                                  torch.from_numpy(shift_px[index]))
+        ctf = (torch.ones(len(index), box, box // 2 + 1) if ctf_params is None else
+               torch.from_numpy(ctf_images(ctf_params.subset(index), box, pixel_size)))
+        predicted = torch.fft.rfft2(placed, norm="ortho") * ctf
+        observed = torch.fft.rfft2(torch.from_numpy(images), norm="ortho")
+        a_stat, e_stat = _fit_statistics(observed, predicted, ctf ** 2 * power[group], mult, noise_var)
+        amplitude[torch.from_numpy(index)] = a_stat
+        excess[torch.from_numpy(index)] = e_stat
+    return ParticleFit(reduce(amplitude).numpy(), reduce(excess).numpy())
+
+
+def _fit_statistics(observed: torch.Tensor, predicted: torch.Tensor, band: torch.Tensor, mult: torch.Tensor,
+                    noise_var: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a / sd(a)`` and the residual's band-power z for a batch of rfft spectra."""
+    cross = (mult * (observed * predicted.conj()).real).sum(dim=(-2, -1)).double()
+    energy = (mult * predicted.abs() ** 2).sum(dim=(-2, -1)).double().clamp(min=1e-12)
+    scale = cross / energy
+    residual = observed - scale[:, None, None].to(observed.real.dtype) * predicted
+    weight = mult * band
+    total = weight.sum(dim=(-2, -1)).double().clamp(min=1e-12)
+    band_power = (weight * residual.abs() ** 2).sum(dim=(-2, -1)).double() / total
+    spread = noise_var * torch.sqrt((weight ** 2).sum(dim=(-2, -1)).double()) / total
+    return scale * torch.sqrt(energy / noise_var), (band_power - noise_var) / spread.clamp(min=1e-12)
+
+
+def robust_z(values: NDArray, labels: NDArray, n_classes: int) -> NDArray[np.float64]:
+    """``values`` centred and scaled per class by a trimmed estimate of its good members' mean and sd
+    (pooled over all particles for classes of fewer than ``MIN_CLASS_FOR_OWN_SCALE`` members)."""
+    z = np.zeros(len(values))
+    finite = np.isfinite(values)
+    centres = np.zeros(n_classes)
+    for k in range(n_classes):
+        members = (labels == k) & finite
+        if members.any():
+            centres[k] = trimmed_centre_scale(values[members])[0]
+    pooled = trimmed_centre_scale(values[finite] - centres[labels[finite]])[1]
+    for k in range(n_classes):
+        members = np.flatnonzero((labels == k) & finite)
+        if not len(members):
+            continue
+        centre, scale = trimmed_centre_scale(values[members])
+        z[members] = (values[members] - centre) / (scale if len(members) >= MIN_CLASS_FOR_OWN_SCALE else pooled)
+    return z
+
+
+def trimmed_centre_scale(values: NDArray, cut: float = TRIM_CUT, steps: int = 5) -> tuple[float, float]:
+    """Mean and sd of the bulk of ``values``: start from the median and MAD, then re-estimate from the
+    values within ``cut`` sd, corrected for the truncation, so that a minority of outliers on one
+    side (the junk) moves neither."""
+    if not len(values):
+        return 0.0, 1.0
+    centre = float(np.median(values))
+    scale = max(MAD_TO_SD * float(np.median(np.abs(values - centre))), 1e-6)
+    for _ in range(steps):
+        inside = values[np.abs(values - centre) < cut * scale]
+        if len(inside) < 3:
+            break
+        centre, scale = float(inside.mean()), max(float(inside.std()) / _TRUNCATED_SD, 1e-6)
+    return centre, scale
+
+
+def bad_fit_evidence(fit: ParticleFit, labels: NDArray, n_classes: int) -> NDArray[np.float64]:
+    """``max(-z_amplitude, z_excess)`` per particle; about N(0, 1)-sized for good members."""
+    return np.maximum(-robust_z(fit.amplitude, labels, n_classes), robust_z(fit.excess, labels, n_classes))
+
+
+def figure_of_merit(fit: ParticleFit, labels: NDArray, n_classes: int) -> NDArray[np.float64]:
+    """``min(1, 2 Phi(-evidence))`` per particle, in [0, 1]; NaN statistics give 0."""
+    evidence = bad_fit_evidence(fit, labels, n_classes)
+    fom = np.minimum(1.0, 2.0 * ndtr(-evidence))
+    return np.where(np.isfinite(fom), fom, 0.0)
