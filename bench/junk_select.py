@@ -6,7 +6,9 @@
 ``SIMDIR`` is a ``cryo-drvae simulate --junk F`` folder (truth class 0 = junk), ``RUN_PREFIX`` a
 ``classify`` output prefix (or a RELION ``run_itNNN``: its ``_data.star``), ``SELECTDIR`` a
 ``cryo-drvae select`` output folder. Prints one markdown row (``--header``: the header first), then
-a line with what the person's classes and the selection keep of each junk kind.
+the person's precision and recall when they also leave out particles below the default
+``rlnParticleFigureOfMerit`` threshold (when the data STAR has it), and a line with what the
+person's classes and the selection keep of each junk kind.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryo_drvae.evaluate import true_classes  # noqa: E402
 from cryo_drvae.junk import JUNK_KINDS  # noqa: E402
+from cryo_drvae.screening import DEFAULT_MIN_FOM  # noqa: E402
+from cryo_drvae.star_io import PARTICLE_FIGURE_OF_MERIT as FOM  # noqa: E402
 from cryo_drvae.star_io import read_particles  # noqa: E402
 
 HEADER = ("| set | K | good / junk picks | person keeping >= 50 %-good classes: precision / recall | "
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print(HEADER)
     print(f"| {args.label or args.sim.name} | {len(np.unique(labels))} | {n_good} / {len(truth) - n_good} | "
           f"{person[0]:.3f} / {person[1]:.3f} | {owned} of {n_views} | {chosen} |")
+    if FOM in data:
+        fitting = kept & (data[FOM].to_numpy() >= DEFAULT_MIN_FOM)
+        screened = precision_recall(truth[fitting], n_good)
+        print(f"person's classes less {FOM} < {DEFAULT_MIN_FOM:g}: precision / recall "
+              f"{screened[0]:.3f} / {screened[1]:.3f}")
     kinds = junk_kinds(args.sim / "truth.csv", data["rlnImageName"])
     kept_by_select = (np.isin(data["rlnImageName"], selected["rlnImageName"]) if args.select
                       else np.zeros(len(kinds), bool))

@@ -6,6 +6,9 @@ and multiplied by its CTF (the prediction ``p``):
 
 * **amplitude**: the least-squares scale ``a = <x, p> / <p, p>`` of the prediction in the particle
   ``x``. A broken particle holds only part of the view, so ``a`` is low (empty ice: about 0).
+* **worst half**: the same scale on each half of the prediction, cut through the particle's centre
+  in ``N_HALVES`` directions; the lowest (standardised) one. A cut or bitten particle lacks most
+  of one half, which the whole-image amplitude dilutes.
 * **excess**: the residual ``x - a p`` weighted in Fourier space by the particle's CTF^2 times the
   class average's power per shell (a matched filter for more of the same protein). A neighbour of an
   aggregate adds such power; noise alone does not.
@@ -14,12 +17,13 @@ Each statistic is divided by its noise sd (from the noise variance and the predi
 centred and scaled per class by the median and MAD of its members, so the test adapts to
 each class's fit and to coloured noise; a class of fewer than ``MIN_CLASS_FOR_OWN_SCALE``
 members uses the scale pooled over all particles. The evidence of a bad fit is
-``max(-z_amplitude, z_excess)``, and the figure of merit written as ``rlnParticleFigureOfMerit``
-is its two-sided tail probability ``min(1, 2 Phi(-evidence))``: 1 for a typical member, 0.01 for a
-particle that a good member matches in 1 of 100 cases.
+``max(-z_amplitude, -z_worst_half, z_excess)``, and the figure of merit written as
+``rlnParticleFigureOfMerit`` is its tail probability over the three tests,
+``min(1, 3 Phi(-evidence))``: 1 for a typical member, about 0.01 for a particle that a good
+member matches in 1 of 100 cases.
 
 >>> fit = measure_fit(stack, ctf, pixel_size, labels, psi, shift, averages, noise_var, radius_px)
->>> fom = figure_of_merit(fit, labels)
+>>> fom = figure_of_merit(fit, labels, n_classes)
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ MIN_CLASS_FOR_OWN_SCALE = 20
 #: ``select``'s default: particles with a figure of merit below this are dropped from kept classes.
 DEFAULT_MIN_FOM = 0.01
 MAD_TO_SD = 1.4826
+#: Directions of the half-plane cuts of the worst-half test.
+N_HALVES = 8
+N_TESTS = 3
 #: Values beyond this many sd are left out when the bulk's mean and sd are re-estimated.
 TRIM_CUT = 2.5
 # sd of a standard normal truncated at +-TRIM_CUT
@@ -56,6 +63,7 @@ class ParticleFit:
 
     amplitude: NDArray[np.float64]     # (n,) a / sd(a)
     excess: NDArray[np.float64]        # (n,) (residual band power - noise) / its noise sd
+    halves: NDArray[np.float64]        # (n, N_HALVES) a / sd(a) on each half of the prediction
 
 
 def measure_fit(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: float, labels: NDArray,
@@ -75,6 +83,7 @@ def measure_fit(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: 
     power = shell_mean(torch.fft.rfft2(refs, norm="ortho").abs() ** 2, shells, box // 2 + 1)[:, shells]
     amplitude = torch.zeros(stack.n_particles, dtype=torch.float64)
     excess = torch.zeros(stack.n_particles, dtype=torch.float64)
+    halves = torch.zeros(stack.n_particles, N_HALVES, dtype=torch.float64)
     chosen = np.arange(stack.n_particles) if particles is None else particles
     batch_size = batch_size or read_batch_size(box, most=512)
     for index, images in tqdm(stack.iter_batches(batch_size, chosen), desc="screening particles",
@@ -87,9 +96,27 @@ def measure_fit(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: 
         predicted = torch.fft.rfft2(placed, norm="ortho") * ctf
         observed = torch.fft.rfft2(torch.from_numpy(images), norm="ortho")
         a_stat, e_stat = _fit_statistics(observed, predicted, ctf ** 2 * power[group], mult, noise_var)
-        amplitude[torch.from_numpy(index)] = a_stat
-        excess[torch.from_numpy(index)] = e_stat
-    return ParticleFit(reduce(amplitude).numpy(), reduce(excess).numpy())
+        rows = torch.from_numpy(index)
+        amplitude[rows], excess[rows] = a_stat, e_stat
+        halves[rows] = _half_statistics(torch.from_numpy(images), torch.fft.irfft2(predicted, s=(box, box), norm="ortho"),
+                                        torch.from_numpy(shift_px[index]), noise_var)
+    return ParticleFit(reduce(amplitude).numpy(), reduce(excess).numpy(), reduce(halves).numpy())
+
+
+def _half_statistics(images: torch.Tensor, predicted: torch.Tensor, centres: torch.Tensor,
+                     noise_var: float) -> torch.Tensor:
+    """``(b, N_HALVES)``: ``<x, p m> / (sigma ||p m||)`` for the half planes ``m`` through each
+    particle's centre (real space; ``centres`` ``(b, 2)`` x, y px from the box centre)."""
+    box = images.shape[-1]
+    coords = torch.arange(box, dtype=torch.float64) - box // 2
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    gx, gy = gx - centres[:, 0, None, None].double(), gy - centres[:, 1, None, None].double()
+    out = torch.empty(len(images), N_HALVES, dtype=torch.float64)
+    for j, angle in enumerate(np.arange(N_HALVES) * 2 * np.pi / N_HALVES):
+        half = predicted.double() * ((gx * np.cos(angle) + gy * np.sin(angle)) > 0)
+        energy = (half ** 2).sum(dim=(-2, -1)).clamp(min=1e-12)
+        out[:, j] = (images.double() * half).sum(dim=(-2, -1)) / torch.sqrt(energy * noise_var)
+    return out
 
 
 def _fit_statistics(observed: torch.Tensor, predicted: torch.Tensor, band: torch.Tensor, mult: torch.Tensor,
@@ -142,13 +169,20 @@ def trimmed_centre_scale(values: NDArray, cut: float = TRIM_CUT, steps: int = 5)
     return centre, scale
 
 
+def worst_half_z(fit: ParticleFit, labels: NDArray, n_classes: int) -> NDArray[np.float64]:
+    """The lowest of the standardised half-plane amplitudes, itself standardised per class."""
+    per_half = np.stack([robust_z(fit.halves[:, j], labels, n_classes) for j in range(fit.halves.shape[1])], 1)
+    return robust_z(per_half.min(axis=1), labels, n_classes)
+
+
 def bad_fit_evidence(fit: ParticleFit, labels: NDArray, n_classes: int) -> NDArray[np.float64]:
-    """``max(-z_amplitude, z_excess)`` per particle; about N(0, 1)-sized for good members."""
-    return np.maximum(-robust_z(fit.amplitude, labels, n_classes), robust_z(fit.excess, labels, n_classes))
+    """``max(-z_amplitude, -z_worst_half, z_excess)`` per particle; about N(0, 1)-sized for good members."""
+    return np.maximum.reduce([-robust_z(fit.amplitude, labels, n_classes), -worst_half_z(fit, labels, n_classes),
+                              robust_z(fit.excess, labels, n_classes)])
 
 
 def figure_of_merit(fit: ParticleFit, labels: NDArray, n_classes: int) -> NDArray[np.float64]:
-    """``min(1, 2 Phi(-evidence))`` per particle, in [0, 1]; NaN statistics give 0."""
+    """``min(1, N_TESTS Phi(-evidence))`` per particle, in [0, 1]; NaN statistics give 0."""
     evidence = bad_fit_evidence(fit, labels, n_classes)
-    fom = np.minimum(1.0, 2.0 * ndtr(-evidence))
+    fom = np.minimum(1.0, N_TESTS * ndtr(-evidence))
     return np.where(np.isfinite(fom), fom, 0.0)

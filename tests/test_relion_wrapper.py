@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import starfile
 
@@ -413,12 +414,43 @@ def test_auto_select_writes_the_selected_particles_and_declares_them(project, lo
     assert (job / "rank_model.star").exists() and (job / "rank_classes.png").exists()
 
 
+class FittedPipeline(ScoredPipeline):
+    """The scored stand-in, with a figure of merit per particle in its data STAR (row i: i / n)."""
+
+    def __call__(self, cfg, should_abort=lambda: False):
+        result = super().__call__(cfg, should_abort)
+        blocks = starfile.read(result.paths["data_star"], always_dict=True)
+        n = len(blocks["particles"])
+        blocks["particles"]["rlnParticleFigureOfMerit"] = np.arange(n) / n
+        starfile.write(blocks, result.paths["data_star"], overwrite=True)
+        return result
+
+
+def test_auto_select_drops_particles_below_min_fom(project, logs):
+    parts, job = project
+    rc = ej.run_job(_argv(parts, job, "--K", "3", "--iter", "2", "--auto_select", "--min_score", "0.5",
+                          "--min_fom", "0.3"), pipeline_run=FittedPipeline([0.9, 0.2, 0.95]))
+    assert rc == 0, logs.readouterr().err
+    data = starfile.read(job / "run_it002_data.star", always_dict=True)["particles"]
+    kept = starfile.read(job / "particles.star", always_dict=True)["particles"]
+    wanted = data["rlnClassNumber"].isin([1, 3]) & (data["rlnParticleFigureOfMerit"] >= 0.3)
+    assert 0 < wanted.sum() < data["rlnClassNumber"].isin([1, 3]).sum()
+    assert list(kept["rlnImageName"]) == list(data.loc[wanted, "rlnImageName"])
+
+
 def test_without_auto_select_there_is_no_selection(project, logs):
     parts, job = project
     rc = ej.run_job(_argv(parts, job, "--K", "3", "--min_score", "0.5"), pipeline_run=ScoredPipeline([0.9, 0.2, 0.95]))
     assert rc == 0
     assert not (job / "particles.star").exists()
     assert "--min_score 0.5 is ignored without --auto_select" in logs.readouterr().err
+
+
+def test_min_fom_without_auto_select_is_ignored_with_a_warning(project, logs):
+    parts, job = project
+    rc = ej.run_job(_argv(parts, job, "--K", "3", "--min_fom", "0.2"), pipeline_run=ScoredPipeline([0.9, 0.2, 0.95]))
+    assert rc == 0 and not (job / "particles.star").exists()
+    assert "--min_fom 0.2 is ignored without --auto_select" in logs.readouterr().err
 
 
 def test_bad_min_score_fails_before_the_run(project, logs):

@@ -21,7 +21,7 @@ from cryo_drvae.cli import main
 from cryo_drvae.ctf import params_from_particles
 from cryo_drvae.outputs import ClassificationResult, write_run_outputs
 from cryo_drvae.screening import (DEFAULT_MIN_FOM, figure_of_merit, measure_fit, robust_z,
-                                  trimmed_centre_scale)
+                                  trimmed_centre_scale, worst_half_z)
 from cryo_drvae.simulate import SimulationConfig, simulate_dataset
 from cryo_drvae.stack import ParticleStack
 from cryo_drvae.star_io import read_particles
@@ -61,7 +61,8 @@ def test_good_members_fit_and_aggregates_and_broken_particles_do_not(junk_run):
 
 
 def test_each_statistic_catches_its_own_kind_of_junk(junk_run):
-    """Broken picks lack part of the view (low amplitude); aggregates add a neighbour (excess power)."""
+    """Broken picks lack part of the view (low amplitude, lower still on the half they lack);
+    aggregates add a neighbour (excess power)."""
     *_, truth, labels, _, _, _, _, fit = junk_run
     kind = truth["kind"].to_numpy()
     z_amplitude = robust_z(fit.amplitude, labels, N_VIEWS + 1)
@@ -69,6 +70,9 @@ def test_each_statistic_catches_its_own_kind_of_junk(junk_run):
     good = kind == "particle"
     assert abs(np.median(z_amplitude[good])) < 0.3 and abs(np.median(z_excess[good])) < 0.3
     assert np.median(z_amplitude[kind == "broken"]) < -2.0
+    z_half = worst_half_z(fit, labels, N_VIEWS + 1)
+    assert abs(np.median(z_half[good])) < 0.3
+    assert np.median(z_half[kind == "broken"]) < np.median(z_amplitude[kind == "broken"]) - 1.0
     assert np.median(z_excess[kind == "aggregate"]) > 2.5
     assert np.median(z_excess[kind == "broken"]) < np.median(z_excess[kind == "aggregate"])
 
