@@ -32,16 +32,20 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from numpy.typing import NDArray
 from scipy.special import ndtr
 
-from .alignment import transform_images
-from .ctf import CtfParams, ctf_images
+from . import star_io
+from .alignment import ORIGIN_SIGN, PSI_SIGN, transform_images
+from .ctf import CtfParams, ctf_images, params_from_particles
 from .fourier import circular_mask, rfft_weights, shell_index, shell_mean
+from .normalise import background_radius
 from .preprocess import read_batch_size
 from .progress import bar as tqdm
 from .stack import ParticleStack
+from .star_io import ParticleTable
 
 #: Classes with fewer members than this take the scale of the statistics pooled over all particles.
 MIN_CLASS_FOR_OWN_SCALE = 20
@@ -186,3 +190,19 @@ def figure_of_merit(fit: ParticleFit, labels: NDArray, n_classes: int) -> NDArra
     evidence = bad_fit_evidence(fit, labels, n_classes)
     fom = np.minimum(1.0, N_TESTS * ndtr(-evidence))
     return np.where(np.isfinite(fom), fom, 0.0)
+
+
+def figure_of_merit_from_table(table: ParticleTable, averages: NDArray, radius_px: float) -> NDArray[np.float64]:
+    """The figure of merit of a classification that did not write one (RELION's Class2D): poses,
+    classes and CTFs from the data STAR ``table``, its class averages ``(K, B, B)``; the particles
+    normalised as ``classify`` does (background sd 1, so the noise variance is taken as 1)."""
+    labels = pd.to_numeric(table.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64) - 1
+    psi = PSI_SIGN * (pd.to_numeric(table.particles[star_io.ANGLE_PSI]).to_numpy(np.float64)
+                      if star_io.ANGLE_PSI in table.particles else np.zeros(len(table)))
+    shift = ORIGIN_SIGN * star_io.origins_px(table)
+    pixel_size = float(star_io.pixel_sizes(table)[0])
+    with ParticleStack.from_table(table) as stack:
+        stack.normalise(background_radius(stack.box_size, radius_px))
+        fit = measure_fit(stack, params_from_particles(table.per_particle(), str(table.path)), pixel_size,
+                          labels, psi, shift, averages, 1.0, radius_px)
+    return figure_of_merit(fit, labels, len(averages))

@@ -7,7 +7,8 @@ A class is kept when it has members and passes every given criterion: ``rlnClass
 (``scoring``), ``rlnEstimatedResolution <= min_resolution`` (Å) and membership of ``classes``.
 With ``classes`` alone, exactly those classes are kept. Within the kept classes, particles whose
 ``rlnParticleFigureOfMerit`` (their fit to the class average, ``screening``) is below ``min_fom``
-are dropped: aggregates and broken particles that joined a real view's class. The score is read from the model STAR;
+are dropped: aggregates and broken particles that joined a real view's class; a data STAR without
+that column (RELION's Class2D) gets it measured here. The score is read from the model STAR;
 a model without it (e.g. RELION's own Class2D output) is scored here from its class averages and
 data STAR (``scoring.class_scores``).
 
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots, scoring, screening, star_io
+from .config import DIAMETER_FRACTION
 from .errors import ConfigError, InputFileError
 from .io_utils import ensure_output_prefix
 
@@ -239,17 +241,54 @@ def load_selection(cfg: SelectionConfig) -> Selection:
     classes[SELECTED_COLUMN] = keep.astype(np.int64)
     if star_io.PARTICLE_NUMBER not in classes:
         classes[star_io.PARTICLE_NUMBER] = counts
-    return Selection(prefix, general, classes, particles, averages_path, _min_fom(cfg, particles, data_path))
+    min_fom = _min_fom(cfg)
+    if min_fom > 0:
+        particles = _with_figure_of_merit(particles, averages_path, prefix, keep)
+    return Selection(prefix, general, classes, particles, averages_path, min_fom)
 
 
-def _min_fom(cfg: SelectionConfig, particles: star_io.ParticleTable, data_path: Path) -> float:
-    """The figure-of-merit threshold applied: the given one, else the default when the data has it."""
+def _min_fom(cfg: SelectionConfig) -> float:
+    """The figure-of-merit threshold applied: the given one, else the default."""
+    return screening.DEFAULT_MIN_FOM if cfg.min_fom is None else cfg.min_fom
+
+
+def _particle_diameter_angst(prefix: str) -> float:
+    """``rlnParticleDiameter`` of RELION's ``<prefix>_optimiser.star`` (Å), 0 when there is none."""
+    path = Path(f"{prefix}_optimiser.star")
+    if not path.is_file():
+        return 0.0
+    general = star_io.read_star_blocks(path, what="RELION optimiser STAR", example=path.name).get("optimiser_general")
+    value = general.get("rlnParticleDiameter", 0) if isinstance(general, dict) else 0
+    return max(float(value or 0), 0.0)
+
+
+def _with_figure_of_merit(particles: star_io.ParticleTable, averages_path: Path, prefix: str,
+                          kept_classes: np.ndarray) -> star_io.ParticleTable:
+    """The data STAR with ``rlnParticleFigureOfMerit``, measured here when the classification did not
+    write it (RELION's Class2D): one pass over the kept classes' particles' stacks."""
     if star_io.PARTICLE_FIGURE_OF_MERIT in particles.particles:
-        return screening.DEFAULT_MIN_FOM if cfg.min_fom is None else cfg.min_fom
-    if cfg.min_fom:
-        logger.warning("%s has no %s column: --min_fom %s is not applied (whole classes are kept)",
-                       data_path, star_io.PARTICLE_FIGURE_OF_MERIT, cfg.min_fom)
-    return 0.0
+        return particles
+    labels = pd.to_numeric(particles.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64)
+    rows = np.isin(labels, np.flatnonzero(kept_classes) + 1)
+    logger.info("%s has no %s: measuring the fit of the %d particles of the kept classes to their "
+                "class averages (one pass over their stacks; --min_fom 0 skips it)", particles.path,
+                star_io.PARTICLE_FIGURE_OF_MERIT, int(rows.sum()))
+    averages, _ = _read_averages(averages_path)
+    subset = star_io.ParticleTable(particles.path, particles.particles[rows].reset_index(drop=True), particles.optics)
+    diameter_px = _particle_diameter_angst(prefix) / float(star_io.pixel_sizes(particles)[0])
+    radius = diameter_px / 2 if diameter_px > 0 else DIAMETER_FRACTION * averages.shape[-1] / 2
+    fom = np.ones(len(labels))
+    if rows.any():
+        try:
+            fom[rows] = screening.figure_of_merit_from_table(subset, averages, radius)
+        except InputFileError as exc:     # the stack reader's fix names classify's --data_dir
+            what = str(exc).split("; pass --data_dir")[0]
+            raise InputFileError(f"{what}; the images are needed to measure each particle's fit: run select "
+                                 f"from the project folder the classification ran in, or pass --min_fom 0 "
+                                 f"to keep whole classes") from None
+    table = particles.particles.copy()
+    table[star_io.PARTICLE_FIGURE_OF_MERIT] = fom
+    return star_io.ParticleTable(particles.path, table, particles.optics)
 
 
 def write_selection(selection: Selection, output_dir: str | os.PathLike) -> dict[str, Path]:

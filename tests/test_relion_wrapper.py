@@ -405,7 +405,8 @@ def test_auto_select_writes_the_selected_particles_and_declares_them(project, lo
     kept = starfile.read(job / "particles.star", always_dict=True)
     expected = data["particles"][data["particles"]["rlnClassNumber"].isin([1, 3])].reset_index(drop=True)
     assert list(kept["particles"]["rlnImageName"]) == list(expected["rlnImageName"])
-    assert list(kept["particles"].columns) == list(data["particles"].columns)
+    # every column kept, plus the figure of merit that select measured (the stand-in wrote none)
+    assert list(kept["particles"].columns) == list(data["particles"].columns) + ["rlnParticleFigureOfMerit"]
     nodes = starfile.read(job / ej.OUTPUT_NODES)
     table = {row.rlnPipeLineNodeName: (row.rlnPipeLineNodeType, row.rlnPipeLineNodeTypeLabel)
              for row in nodes.itertuples()}

@@ -34,7 +34,7 @@ def junk_run(tmp_path_factory):
     project = tmp_path_factory.mktemp("screen")
     cfg = SimulationConfig(n_classes=N_VIEWS, n_particles=720, snr=0.05, box_size=40, pixel_size=PIXEL,
                            junk_fraction=0.4, seed=23)
-    sim = simulate_dataset(cfg, project / "sim")
+    sim = simulate_dataset(cfg, project / "sim", project_dir=project)   # names relative to the project
     truth = pd.read_csv(sim.truth_path)
     kind = truth["kind"].to_numpy()
     carried = np.isin(kind, ["aggregate", "broken"])
@@ -42,9 +42,10 @@ def junk_run(tmp_path_factory):
     labels[carried] = truth["source_view"].to_numpy()[carried] - 1
     psi = -truth["psi_deg"].to_numpy()                 # the simulator's psi is the inverse of ours
     shift = truth[["shift_x_px", "shift_y_px"]].to_numpy()
-    table = read_particles(sim.star_path)
+    with contextlib.chdir(project):
+        table = read_particles(sim.star_path)
     ctf = params_from_particles(table.per_particle())
-    with ParticleStack.from_table(table) as stack:
+    with contextlib.chdir(project), ParticleStack.from_table(table) as stack:
         averages, resolution = class_averages(stack, ctf, PIXEL, labels, psi, shift, N_VIEWS + 1, noise_var=1.0)
         fit = measure_fit(stack, ctf, PIXEL, labels, psi, shift, averages, 1.0, radius_px=0.3 * 40)
     return project, sim, table, truth, labels, psi, shift, averages, resolution, fit
@@ -112,3 +113,40 @@ def test_select_drops_members_that_fit_their_class_poorly(junk_run):
     good = truth.set_index("image_name").loc[kept["rlnImageName"], "kind"] == "particle"
     good_whole = truth.set_index("image_name").loc[whole["rlnImageName"], "kind"] == "particle"
     assert good.mean() > good_whole.mean() + 0.03           # precision rises
+
+
+def test_select_measures_the_fit_when_the_classification_wrote_none(junk_run):
+    """E.g. RELION's Class2D output: select measures each particle's fit itself, as classify does."""
+    project, sim, table, truth, labels, psi, shift, averages, resolution, fit = junk_run
+    _write_without_fom(junk_run)
+    with contextlib.chdir(project):
+        res = CliRunner().invoke(main, ["select", "--i", "Bare/run", "--o", "Select/bare/", "--classes",
+                                        ",".join(str(v + 1) for v in range(N_VIEWS))])
+    assert res.exit_code == 0, res.output
+    kept = starfile.read(project / "Select/bare/particles.star", always_dict=True)["particles"]
+    names = truth["image_name"].to_numpy()
+    fom = figure_of_merit(fit, labels, N_VIEWS + 1)
+    expected = set(names[(labels < N_VIEWS) & (fom >= DEFAULT_MIN_FOM)])
+    assert len(set(kept["rlnImageName"]) ^ expected) <= 0.03 * len(expected)
+    assert len(kept) < (labels < N_VIEWS).sum()
+
+
+def _write_without_fom(junk_run) -> None:
+    """The truth classification as ``Bare/run``, without rlnParticleFigureOfMerit."""
+    project, sim, table, truth, labels, psi, shift, averages, resolution, fit = junk_run
+    relion_psi, origin = to_relion_pose(psi, shift)
+    result = ClassificationResult(labels, relion_psi, origin, np.full(len(labels), 0.9), averages, resolution, PIXEL)
+    with contextlib.chdir(project):
+        write_run_outputs("Bare/run", table, result)
+
+
+def test_select_without_the_images_says_how_to_fix_it(junk_run, tmp_path):
+    project = junk_run[0]
+    _write_without_fom(junk_run)
+    with contextlib.chdir(project):
+        res = CliRunner().invoke(main, ["select", "--i", str(project / "Bare/run"), "--o", "Select/bare2/"])
+    assert res.exit_code == 0, res.output                 # from the project folder: fine
+    with contextlib.chdir(tmp_path):
+        res = CliRunner().invoke(main, ["select", "--i", str(project / "Bare/run"), "--o", "Select/bare3/"])
+    assert res.exit_code == 1 and "--min_fom 0" in res.output and "--data_dir" not in res.output
+    assert not (tmp_path / "Select/bare3").exists()

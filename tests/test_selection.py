@@ -110,8 +110,9 @@ def test_model_star_carries_the_scores(runs):
 
 
 def _kept_images(project, prefix, out_dir, *args):
+    """``select`` on whole classes (``--min_fom 0``: the per-particle screening is test_screening's)."""
     with contextlib.chdir(project):               # RELION paths are project-relative
-        res = CliRunner().invoke(main, ["select", "--i", prefix, "--o", out_dir, *args])
+        res = CliRunner().invoke(main, ["select", "--i", prefix, "--o", out_dir, "--min_fom", "0", *args])
     assert res.exit_code == 0, res.output
     return starfile.read(project / out_dir / "particles.star", always_dict=True)
 
