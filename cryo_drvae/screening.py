@@ -110,17 +110,30 @@ def measure_fit(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: 
 def _half_statistics(images: torch.Tensor, predicted: torch.Tensor, centres: torch.Tensor,
                      noise_var: float) -> torch.Tensor:
     """``(b, N_HALVES)``: ``<x, p m> / (sigma ||p m||)`` for the half planes ``m`` through each
-    particle's centre (real space; ``centres`` ``(b, 2)`` x, y px from the box centre)."""
-    box = images.shape[-1]
-    coords = torch.arange(box, dtype=torch.float64) - box // 2
+    particle's centre (real space; ``centres`` ``(b, 2)`` x, y px from the box centre). Sums are
+    taken once per angular sector of ``180 / N_HALVES`` degrees around the centre; a half plane is
+    ``N_HALVES`` consecutive sectors."""
+    b, box = images.shape[0], images.shape[-1]
+    coords = torch.arange(box, dtype=torch.float32) - box // 2
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
-    gx, gy = gx - centres[:, 0, None, None].double(), gy - centres[:, 1, None, None].double()
-    out = torch.empty(len(images), N_HALVES, dtype=torch.float64)
-    for j, angle in enumerate(np.arange(N_HALVES) * 2 * np.pi / N_HALVES):
-        half = predicted.double() * ((gx * np.cos(angle) + gy * np.sin(angle)) > 0)
-        energy = (half ** 2).sum(dim=(-2, -1)).clamp(min=1e-12)
-        out[:, j] = (images.double() * half).sum(dim=(-2, -1)) / torch.sqrt(energy * noise_var)
-    return out
+    angle = torch.atan2(gy[None] - centres[:, 1, None, None].float(), gx[None] - centres[:, 0, None, None].float())
+    n_sectors = 2 * N_HALVES
+    sector = ((angle + np.pi) * (n_sectors / (2 * np.pi))).long().clamp_(0, n_sectors - 1).reshape(b, -1)
+    products = torch.stack([(images.float() * predicted.float()).reshape(b, -1),
+                            (predicted.float() ** 2).reshape(b, -1)])                 # (2, b, box^2)
+    sums = torch.zeros(2, b, n_sectors).scatter_add_(2, sector.expand(2, -1, -1), products)
+    cross, energy = (sums @ _half_plane_sectors()).unbind(0)                           # (b, N_HALVES) each
+    return (cross / torch.sqrt(energy.clamp(min=1e-12) * noise_var)).double()
+
+
+def _half_plane_sectors() -> torch.Tensor:
+    """``(2 N_HALVES, N_HALVES)`` 0/1: the sectors (from -180 degrees, counter-clockwise) of each
+    half plane, half h facing ``h * 360 / N_HALVES`` degrees."""
+    n_sectors = 2 * N_HALVES
+    member = torch.zeros(n_sectors, N_HALVES)
+    for h in range(N_HALVES):
+        member[(2 * h + N_HALVES // 2 + torch.arange(N_HALVES)) % n_sectors, h] = 1.0
+    return member
 
 
 def _fit_statistics(observed: torch.Tensor, predicted: torch.Tensor, band: torch.Tensor, mult: torch.Tensor,
