@@ -150,8 +150,9 @@ def axis_label(key: str) -> tuple[str, float]:
 
 
 def plot_ranked_gallery(class_averages: NDArray, counts: ArrayLike, scores: ArrayLike, kept: ArrayLike,
-                        path: str | os.PathLike) -> Path:
+                        path: str | os.PathLike, dropped: ArrayLike | None = None) -> Path:
     """Class averages best score first, titled ``class k: n  s=0.93``; kept framed green, rejected red and faded.
+    ``dropped`` ``(K,)``: particles of each kept class left out for a poor fit, shown as ``-m``.
 
     Raises
     ------
@@ -160,7 +161,8 @@ def plot_ranked_gallery(class_averages: NDArray, counts: ArrayLike, scores: Arra
     """
     counts, scores, kept = np.asarray(counts), np.asarray(scores, dtype=np.float64), np.asarray(kept, dtype=bool)
     k = len(class_averages)
-    if class_averages.ndim != 3 or not counts.shape == scores.shape == kept.shape == (k,):
+    dropped = np.zeros(k, dtype=np.int64) if dropped is None else np.asarray(dropped, dtype=np.int64)
+    if class_averages.ndim != 3 or not counts.shape == scores.shape == kept.shape == dropped.shape == (k,):
         raise ValueError(f"need averages (K, box, box) and counts, scores, kept (K,), got "
                          f"{class_averages.shape}, {counts.shape}, {scores.shape}, {kept.shape}")
     rows, cols = grid_shape(k)
@@ -172,12 +174,14 @@ def plot_ranked_gallery(class_averages: NDArray, counts: ArrayLike, scores: Arra
         for spine in ax.spines.values():
             spine.set_edgecolor(colour)
             spine.set_linewidth(3 if kept[c] else 1.5)
-        ax.set_title(f"class {c + 1}: {counts[c]}\ns={scores[c]:.2f}", fontsize=7,
+        less = f" -{dropped[c]}" if kept[c] and dropped[c] else ""
+        ax.set_title(f"class {c + 1}: {counts[c]}{less}\ns={scores[c]:.2f}", fontsize=7,
                      color="black" if kept[c] else "tab:red")
     for ax in axes[k:]:
         ax.set_axis_off()
-    fig.suptitle(f"kept {int(kept.sum())} of {k} classes\n({int(counts[kept].sum())} of {int(counts.sum())} "
-                 f"particles)\ngreen kept, red rejected", fontsize=8)
+    n_dropped = int(dropped[kept].sum())
+    fig.suptitle(f"kept {int(kept.sum())} of {k} classes\n({int(counts[kept].sum()) - n_dropped} of {int(counts.sum())} "
+                 f"particles{f'; -{n_dropped} poor fits' if n_dropped else ''})\ngreen kept, red rejected", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

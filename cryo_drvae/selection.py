@@ -112,6 +112,11 @@ class Selection:
         """``(n,)`` bool, particle kept: in a kept class and fitting its average."""
         return self.in_kept_classes() & self.fitting_particles()
 
+    def dropped_per_class(self) -> np.ndarray:
+        """``(K,)`` particles of each kept class left out for a figure of merit below ``min_fom``."""
+        labels = pd.to_numeric(self.particles.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64) - 1
+        return np.bincount(labels[self.in_kept_classes() & ~self.fitting_particles()], minlength=len(self.classes))
+
     def fitting_particles(self) -> np.ndarray:
         """``(n,)`` bool, figure of merit at least ``min_fom`` (all True without the column)."""
         table = self.particles.particles
@@ -305,14 +310,14 @@ def write_selection(selection: Selection, output_dir: str | os.PathLike) -> dict
     averages, _ = _read_averages(selection.averages_path)
     counts = classes[star_io.PARTICLE_NUMBER].to_numpy(np.int64)
     plots.plot_ranked_gallery(averages[: len(classes)], counts, classes[scoring.SCORE_COLUMN].to_numpy(),
-                              selection.kept, paths["gallery"])
+                              selection.kept, paths["gallery"], dropped=selection.dropped_per_class())
     general = selection.general or {star_io.NR_CLASSES: len(classes)}
     star_io.write_star_blocks(paths["rank_model"], {"model_general": general, "model_classes": classes})
     kept_classes = classes.iloc[[i for i in order if selection.kept[i]]]
     star_io.write_star_blocks(paths["class_averages"], {"model_classes": kept_classes})
     if not len(kept_table):
         logger.warning("no class passed the selection; particles.star has no particles")
-    dropped = int(selection.in_kept_classes().sum() - kept_rows.sum())
+    dropped = int(selection.dropped_per_class().sum())
     if dropped:
         logger.info("dropped %d particles of the kept classes that fit their class average poorly "
                     "(%s < %g; --min_fom 0 keeps them)", dropped, star_io.PARTICLE_FIGURE_OF_MERIT, selection.min_fom)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cryo_drvae.plots import (gallery_order, grid_shape, plot_class_gallery, plot_convergence,
-                              plot_side_by_side)
+                              plot_ranked_gallery, plot_side_by_side)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,3 +103,16 @@ def test_convergence_axes_have_plain_names(tmp_path):
     path = plot_class_gallery(np.random.default_rng(1).normal(size=(3, 16, 16)), np.array([4, 2, 0]),
                               tmp_path / "g.png", resolution=np.array([20.0, 30.0, 999.0]), pixel_size=3.0)
     assert _is_png(path)
+
+
+def test_ranked_gallery_counts_the_dropped_poor_fits(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr("matplotlib.figure.Figure.suptitle", lambda self, text, **kw: titles.append(text))
+    averages = np.random.default_rng(1).normal(size=(3, 16, 16)).astype(np.float32)
+    path = plot_ranked_gallery(averages, [50, 30, 20], [0.95, 0.2, 0.91], [True, False, True],
+                               tmp_path / "rank.png", dropped=[5, 9, 2])
+    assert _is_png(path)
+    assert "(63 of 100 particles; -7 poor fits)" in titles[0]     # rejected class 2's 9 do not count
+    with pytest.raises(ValueError, match="kept"):
+        plot_ranked_gallery(averages, [50, 30, 20], [0.9, 0.2, 0.9], [True, False, True], tmp_path / "x.png",
+                            dropped=[1, 2])
