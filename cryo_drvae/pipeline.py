@@ -3,7 +3,7 @@
 ``classify`` calls the stages of the data path in order: read the particles (STAR or .cs), open
 their stack, read the CTF, prepare the working set, train the DRVAE (``--drvae``), find the first
 classes, run the refinement rounds, compute the full-size averages and each particle's fit to its
-average (``screening.py``), write the outputs.
+average (``screening.py``), average again over the members that fit, write the outputs.
 Run set-up is in ``runtime.py``; the round state is checkpointed (``checkpoint.py``) after the
 first classes and after every round, so ``--continue`` resumes an interrupted job.
 """
@@ -36,13 +36,15 @@ from .outputs import ClassificationResult, write_run_outputs
 from .preprocess import Preparation, WorkingSet, choose_working_box, plan_preparation, prepare_working_set
 from .refine import Assignment, Refiner, floored_log_prior, posterior
 from .runtime import StageTimer, loader_workers, remove_scratch, scratch_folder, set_up
-from .screening import figure_of_merit, measure_fit
+from .screening import DEFAULT_MIN_FOM, figure_of_merit, measure_fit
 from .splitting import grow_classes
 from .stack import ParticleStack
 from .star_io import ParticleTable, pixel_sizes
 from .train import Denoiser, TrainingPairs, pseudo_target_training
 
 logger = logging.getLogger(__name__)
+#: A class whose fitting members are fewer than this is averaged over all its members.
+MIN_FITTING_MEMBERS = 3
 
 
 @dataclass
@@ -281,23 +283,39 @@ def changed_fraction(before: NDArray, after: NDArray) -> float:
 def final_result(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, ws: WorkingSet, refiner: Refiner,
                  state: RoundState, abort: Callable[[], bool]) -> ClassificationResult:
     """Full-size averages from the final poses, each particle's fit to its average (``screening``),
-    converted to RELION's conventions."""
+    then the averages again from the members that fit, converted to RELION's conventions."""
     assignment = state.assignment
+    k = refiner.cfg.n_classes
     psi, shift_working = refiner.grid.decode(assignment.pose)
     shift = shift_working * ws.scale
     noise_var = ws.noise_var * ws.scale ** 2
-    averages, resolution = class_averages(stack, ctf, pixel_size, assignment.labels, psi, shift,
-                                          refiner.cfg.n_classes, noise_var, particles=ws.particles,
-                                          reduce=refiner.comm.sum, should_abort=abort)
+
+    def averages_of(rows: NDArray) -> tuple[NDArray, NDArray]:
+        return class_averages(stack, ctf, pixel_size, assignment.labels, psi, shift, k, noise_var, particles=rows,
+                              reduce=refiner.comm.sum, should_abort=abort)
+
+    averages, _ = averages_of(ws.particles)
     fit = measure_fit(stack, ctf, pixel_size, assignment.labels, psi, shift, averages, noise_var,
                       radius_px=ws.particle_radius * ws.scale, particles=ws.particles, reduce=refiner.comm.sum)
+    fom = figure_of_merit(fit, assignment.labels, k)
+    averages, resolution = averages_of(fitting_members(assignment.labels, fom, ws.particles, k, refiner.comm.sum))
     relion_psi, relion_origin = to_relion_pose(psi, shift)
     return ClassificationResult(labels=assignment.labels, psi_deg=relion_psi, origin_px=relion_origin,
                                 confidence=np.clip(assignment.confidence, 0.0, 1.0),
                                 class_averages=averages, class_resolution=resolution,
                                 pixel_size=pixel_size, history=state.history,
                                 particle_diameter_px=2 * (ws.particle_radius - 1) * ws.scale,   # less the 1-px margin
-                                figure_of_merit=figure_of_merit(fit, assignment.labels, refiner.cfg.n_classes))
+                                figure_of_merit=fom)
+
+
+def fitting_members(labels: NDArray, fom: NDArray, rows: NDArray, n_classes: int,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts) -> NDArray:
+    """The ``rows`` whose figure of merit reaches ``screening.DEFAULT_MIN_FOM``, plus every row of a
+    class that would keep fewer than ``MIN_FITTING_MEMBERS`` over all ranks (so no average goes blank)."""
+    fits = fom[rows] >= DEFAULT_MIN_FOM
+    fitting_counts = reduce(torch.from_numpy(np.bincount(labels[rows][fits], minlength=n_classes))).numpy()
+    thin = fitting_counts[labels[rows]] < MIN_FITTING_MEMBERS
+    return rows[fits | thin]
 
 
 def write_everything(cfg: RunConfig, table: ParticleTable, result: ClassificationResult) -> dict[str, Path]:

@@ -150,3 +150,15 @@ def test_select_without_the_images_says_how_to_fix_it(junk_run, tmp_path):
         res = CliRunner().invoke(main, ["select", "--i", str(project / "Bare/run"), "--o", "Select/bare3/"])
     assert res.exit_code == 1 and "--min_fom 0" in res.output and "--data_dir" not in res.output
     assert not (tmp_path / "Select/bare3").exists()
+
+
+def test_averages_are_remade_from_the_members_that_fit():
+    from cryo_drvae.pipeline import MIN_FITTING_MEMBERS, fitting_members
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    fom = np.array([0.5, 0.0, 1.0, 0.2, 0.001, 0.9, 0.0, 0.0])
+    rows = np.arange(8)
+    chosen = fitting_members(labels, fom, rows, 3)
+    assert MIN_FITTING_MEMBERS == 3
+    # class 0 keeps its 3 fitting members; classes 1 and 2 have fewer than 3 that fit, so keep all
+    assert list(chosen) == [0, 2, 3, 4, 5, 6, 7]
+    assert list(fitting_members(labels, fom, rows[:4], 3)) == [0, 2, 3]
