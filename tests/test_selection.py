@@ -146,7 +146,7 @@ def test_select_classes_list_and_resolution(runs):
     assert len(blocks["particles"]) == int(result.class_counts()[[1, 2]].sum())
     limit = float(np.sort(result.class_resolution[:N_VIEWS])[1])
     with contextlib.chdir(project):
-        selection = load_selection(SelectionConfig(prefix, "unused", min_score=0.0, min_resolution=limit))
+        selection = load_selection(SelectionConfig(prefix, "unused", min_score=0.0, min_resolution=limit, min_fom=0.0))
     expected = (result.class_resolution <= limit) & (result.class_counts() > 0)
     assert list(selection.kept) == list(expected)
 
@@ -160,7 +160,7 @@ def test_a_model_without_scores_is_scored_from_its_averages(runs):
     starfile.write(model, project / "Bare/run_model.star", overwrite=True)
     shutil.copy(project / f"{prefix}_data.star", project / "Bare/run_data.star")
     with contextlib.chdir(project):
-        selection = load_selection(SelectionConfig("Bare/run", "unused"))
+        selection = load_selection(SelectionConfig("Bare/run", "unused", min_fom=0.0))
     np.testing.assert_allclose(selection.classes["rlnClassScore"], class_scores(result), atol=1e-6)
 
 
