@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP) install-relion
 	$(PY) bench/run_bench.py --sets all --j $(JOBS)
+	$(PY) bench/junk_bench.py --j $(JOBS)
 
 bench-quick: $(STAMP) install-relion
 	$(PY) bench/run_bench.py --sets easy --j $(JOBS)
