@@ -130,8 +130,8 @@ def write_run_outputs(prefix: str | os.PathLike, table: star_io.ParticleTable,
 
     The data STAR holds the input particles (3.1+ format, all input columns) plus
     ``rlnClassNumber`` (1-based), ``rlnAnglePsi``, ``rlnOriginXAngst/YAngst`` (origin in px
-    times each particle's pixel size) and ``rlnMaxValueProbDistribution`` (confidence), ``rlnParticleFigureOfMerit`` (the particle's
-    fit to its class average, ``screening``) when measured; where
+    times each particle's pixel size), ``rlnMaxValueProbDistribution`` (confidence) and, when
+    measured, ``rlnParticleFigureOfMerit`` (the particle's fit to its class average, ``screening``); where
     the input lacks them, RELION's neutral values ``rlnGroupNumber`` 1, ``rlnAngleRot`` 0,
     ``rlnAngleTilt`` 0, ``rlnNormCorrection`` 1, ``rlnLogLikeliContribution`` 0 and
     ``rlnNrOfSignificantSamples`` 1.

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from . import __version__, checks, checkpoint, plots
 from .alignment import to_relion_pose
-from .averaging import class_averages
+from .averaging import average_sums, finish_averages
 from .checkpoint import RoundState
 from .config import RunConfig
 from .cs_io import read_any, write_cs_outputs
@@ -283,22 +283,27 @@ def changed_fraction(before: NDArray, after: NDArray) -> float:
 def final_result(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, ws: WorkingSet, refiner: Refiner,
                  state: RoundState, abort: Callable[[], bool]) -> ClassificationResult:
     """Full-size averages from the final poses, each particle's fit to its average (``screening``),
-    then the averages again from the members that fit, converted to RELION's conventions."""
+    then the averages of the members that fit (the poor fits' sums taken out), converted to RELION's
+    conventions."""
     assignment = state.assignment
     k = refiner.cfg.n_classes
     psi, shift_working = refiner.grid.decode(assignment.pose)
     shift = shift_working * ws.scale
     noise_var = ws.noise_var * ws.scale ** 2
 
-    def averages_of(rows: NDArray) -> tuple[NDArray, NDArray]:
-        return class_averages(stack, ctf, pixel_size, assignment.labels, psi, shift, k, noise_var, particles=rows,
-                              reduce=refiner.comm.sum, should_abort=abort)
-
-    averages, _ = averages_of(ws.particles)
+    sums = average_sums(stack, ctf, pixel_size, assignment.labels, psi, shift, k, particles=ws.particles,
+                        reduce=refiner.comm.sum, should_abort=abort)
+    counts = np.bincount(assignment.labels, minlength=k)
+    averages, _ = finish_averages(sums, counts, noise_var, pixel_size)
     fit = measure_fit(stack, ctf, pixel_size, assignment.labels, psi, shift, averages, noise_var,
                       radius_px=ws.particle_radius * ws.scale, particles=ws.particles, reduce=refiner.comm.sum)
     fom = figure_of_merit(fit, assignment.labels, k)
-    averages, resolution = averages_of(fitting_members(assignment.labels, fom, ws.particles, k, refiner.comm.sum))
+    # the poor fits' sums are re-read and taken out: a few rows, not a second pass over all of them
+    poor = np.setdiff1d(ws.particles, fitting_members(assignment.labels, fom, ws.particles, k, refiner.comm.sum))
+    poor_sums = average_sums(stack, ctf, pixel_size, assignment.labels, psi, shift, k, particles=poor,
+                             reduce=refiner.comm.sum, should_abort=abort)
+    averages, resolution = finish_averages((sums[0] - poor_sums[0], sums[1] - poor_sums[1]), counts, noise_var,
+                                           pixel_size)
     relion_psi, relion_origin = to_relion_pose(psi, shift)
     return ClassificationResult(labels=assignment.labels, psi_deg=relion_psi, origin_px=relion_origin,
                                 confidence=np.clip(assignment.confidence, 0.0, 1.0),

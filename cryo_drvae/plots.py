@@ -163,8 +163,8 @@ def plot_ranked_gallery(class_averages: NDArray, counts: ArrayLike, scores: Arra
     k = len(class_averages)
     dropped = np.zeros(k, dtype=np.int64) if dropped is None else np.asarray(dropped, dtype=np.int64)
     if class_averages.ndim != 3 or not counts.shape == scores.shape == kept.shape == dropped.shape == (k,):
-        raise ValueError(f"need averages (K, box, box) and counts, scores, kept (K,), got "
-                         f"{class_averages.shape}, {counts.shape}, {scores.shape}, {kept.shape}")
+        raise ValueError(f"need averages (K, box, box) and counts, scores, kept, dropped (K,), got "
+                         f"{class_averages.shape}, {counts.shape}, {scores.shape}, {kept.shape}, {dropped.shape}")
     rows, cols = grid_shape(k)
     fig = Figure(figsize=(cols * TILE_INCHES, rows * (TILE_INCHES + 0.3) + 0.4))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()

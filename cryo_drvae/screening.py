@@ -1,7 +1,7 @@
 """Per-particle screening: does each particle look like its class average at its pose?
 
 A class-level choice keeps or drops whole classes, but aggregates and broken particles carry a real
-view and join its class. Two tests per particle, against its own class average placed at its pose
+view and join its class. Three tests per particle, against its own class average placed at its pose
 and multiplied by its CTF (the prediction ``p``):
 
 * **amplitude**: the least-squares scale ``a = <x, p> / <p, p>`` of the prediction in the particle
@@ -14,9 +14,9 @@ and multiplied by its CTF (the prediction ``p``):
   aggregate adds such power; noise alone does not.
 
 Each statistic is divided by its noise sd (from the noise variance and the prediction), then
-centred and scaled per class by the median and MAD of its members, so the test adapts to
-each class's fit and to coloured noise; a class of fewer than ``MIN_CLASS_FOR_OWN_SCALE``
-members uses the scale pooled over all particles. The evidence of a bad fit is
+centred and scaled per class by a trimmed estimate of its members' mean and sd
+(``trimmed_centre_scale``), so the test adapts to each class's fit and to coloured noise; a class
+of fewer than ``MIN_CLASS_FOR_OWN_SCALE`` members uses the scale pooled over all particles. The evidence of a bad fit is
 ``max(-z_amplitude, -z_worst_half, z_excess)``, and the figure of merit written as
 ``rlnParticleFigureOfMerit`` is its tail probability over the three tests,
 ``min(1, 3 Phi(-evidence))``: 1 for a typical member, about 0.01 for a particle that a good
@@ -63,7 +63,7 @@ _TRUNCATED_SD = float(np.sqrt(1 - 2 * TRIM_CUT * np.exp(-TRIM_CUT ** 2 / 2) / np
 
 @dataclass(frozen=True)
 class ParticleFit:
-    """Per particle (input row order): the two statistics in units of their noise sd."""
+    """Per particle (input row order): the three statistics in units of their noise sd."""
 
     amplitude: NDArray[np.float64]     # (n,) a / sd(a)
     excess: NDArray[np.float64]        # (n,) (residual band power - noise) / its noise sd
@@ -74,7 +74,7 @@ def measure_fit(stack: ParticleStack, ctf_params: CtfParams | None, pixel_size: 
                 psi_deg: NDArray, shift_px: NDArray, averages: NDArray, noise_var: float, radius_px: float,
                 batch_size: int | None = None, particles: NDArray | None = None,
                 reduce: Callable[[torch.Tensor], torch.Tensor] = lambda values: values) -> ParticleFit:
-    """Both statistics for ``particles`` (default all) in one streaming pass over the stack.
+    """The three statistics for ``particles`` (default all) in one streaming pass over the stack.
 
     Poses are in our convention with shifts in original pixels, as ``averaging.class_averages``
     takes them; ``averages`` ``(K, B, B)`` are the CTF-corrected class averages. ``reduce`` sums the
@@ -153,20 +153,13 @@ def _fit_statistics(observed: torch.Tensor, predicted: torch.Tensor, band: torch
 def robust_z(values: NDArray, labels: NDArray, n_classes: int) -> NDArray[np.float64]:
     """``values`` centred and scaled per class by a trimmed estimate of its good members' mean and sd
     (pooled over all particles for classes of fewer than ``MIN_CLASS_FOR_OWN_SCALE`` members)."""
-    z = np.zeros(len(values))
     finite = np.isfinite(values)
-    centres = np.zeros(n_classes)
-    for k in range(n_classes):
-        members = (labels == k) & finite
-        if members.any():
-            centres[k] = trimmed_centre_scale(values[members])[0]
-    pooled = trimmed_centre_scale(values[finite] - centres[labels[finite]])[1]
-    for k in range(n_classes):
-        members = np.flatnonzero((labels == k) & finite)
-        if not len(members):
-            continue
-        centre, scale = trimmed_centre_scale(values[members])
-        z[members] = (values[members] - centre) / (scale if len(members) >= MIN_CLASS_FOR_OWN_SCALE else pooled)
+    members = [np.flatnonzero((labels == k) & finite) for k in range(n_classes)]
+    estimates = np.array([trimmed_centre_scale(values[rows]) for rows in members])   # (K, 2)
+    pooled = trimmed_centre_scale(values[finite] - estimates[labels[finite], 0])[1]
+    z = np.zeros(len(values))
+    for rows, (centre, scale) in zip(members, estimates):
+        z[rows] = (values[rows] - centre) / (scale if len(rows) >= MIN_CLASS_FOR_OWN_SCALE else pooled)
     return z
 
 
@@ -205,17 +198,18 @@ def figure_of_merit(fit: ParticleFit, labels: NDArray, n_classes: int) -> NDArra
     return np.where(np.isfinite(fom), fom, 0.0)
 
 
-def figure_of_merit_from_table(table: ParticleTable, averages: NDArray, radius_px: float) -> NDArray[np.float64]:
+def figure_of_merit_from_table(table: ParticleTable, stack: ParticleStack, averages: NDArray,
+                               radius_px: float) -> NDArray[np.float64]:
     """The figure of merit of a classification that did not write one (RELION's Class2D): poses,
-    classes and CTFs from the data STAR ``table``, its class averages ``(K, B, B)``; the particles
-    normalised as ``classify`` does (background sd 1, so the noise variance is taken as 1)."""
+    classes and CTFs from the data STAR ``table`` (its images: ``stack``), its class averages
+    ``(K, B, B)``; the particles normalised as ``classify`` does (background sd 1, so the noise
+    variance is taken as 1)."""
     labels = pd.to_numeric(table.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64) - 1
     psi = PSI_SIGN * (pd.to_numeric(table.particles[star_io.ANGLE_PSI]).to_numpy(np.float64)
                       if star_io.ANGLE_PSI in table.particles else np.zeros(len(table)))
     shift = ORIGIN_SIGN * star_io.origins_px(table)
     pixel_size = float(star_io.pixel_sizes(table)[0])
-    with ParticleStack.from_table(table) as stack:
-        stack.normalise(background_radius(stack.box_size, radius_px))
-        fit = measure_fit(stack, params_from_particles(table.per_particle(), str(table.path)), pixel_size,
-                          labels, psi, shift, averages, 1.0, radius_px)
+    stack.normalise(background_radius(stack.box_size, radius_px))
+    fit = measure_fit(stack, params_from_particles(table.per_particle(), str(table.path)), pixel_size,
+                      labels, psi, shift, averages, 1.0, radius_px)
     return figure_of_merit(fit, labels, len(averages))

@@ -35,12 +35,15 @@ from . import plots, scoring, screening, star_io
 from .config import DIAMETER_FRACTION
 from .errors import ConfigError, InputFileError
 from .io_utils import ensure_output_prefix
+from .stack import ParticleStack
 
 logger = logging.getLogger(__name__)
 
 #: Default --min_score: see docs/selection.md for how it was chosen.
 DEFAULT_MIN_SCORE = 0.9
 SELECTED_COLUMN = "rlnSelected"
+_MISSING_IMAGES_FIX = ("the images are needed to measure each particle's fit: run select from the project "
+                       "folder the classification ran in, or pass --min_fom 0 to keep whole classes")
 OUTPUT_NAMES = {"particles": "particles.star", "class_averages": "class_averages.star",
                 "rank_model": "rank_model.star", "gallery": "rank_classes.png"}
 
@@ -59,7 +62,8 @@ class SelectionConfig:
     min_resolution : keep classes whose estimated resolution is at least this good, Å (None: any).
     classes : 1-based class numbers to keep (None: all that pass the criteria).
     min_fom : within kept classes, keep particles with ``rlnParticleFigureOfMerit >= min_fom``
-        (None: ``screening.DEFAULT_MIN_FOM`` when the data STAR has the column; 0: keep them all).
+        (None: ``screening.DEFAULT_MIN_FOM``, measured here when the data STAR lacks the column;
+        0: keep them all).
     """
 
     input: str
@@ -86,6 +90,11 @@ class SelectionConfig:
             return self.min_score
         return None if self.classes is not None else DEFAULT_MIN_SCORE
 
+    @property
+    def effective_min_fom(self) -> float:
+        """The figure-of-merit threshold applied: the given one, else the default."""
+        return screening.DEFAULT_MIN_FOM if self.min_fom is None else self.min_fom
+
 
 @dataclass
 class Selection:
@@ -103,10 +112,13 @@ class Selection:
         """``(K,)`` bool, class k (0-based) kept."""
         return self.classes[SELECTED_COLUMN].to_numpy() == 1
 
+    def labels(self) -> np.ndarray:
+        """``(n,)`` 0-based class of each particle."""
+        return pd.to_numeric(self.particles.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64) - 1
+
     def in_kept_classes(self) -> np.ndarray:
         """``(n,)`` bool, particle in a kept class."""
-        labels = pd.to_numeric(self.particles.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64)
-        return np.isin(labels, np.flatnonzero(self.kept) + 1)
+        return self.kept[self.labels()]
 
     def kept_particles(self) -> np.ndarray:
         """``(n,)`` bool, particle kept: in a kept class and fitting its average."""
@@ -114,8 +126,8 @@ class Selection:
 
     def dropped_per_class(self) -> np.ndarray:
         """``(K,)`` particles of each kept class left out for a figure of merit below ``min_fom``."""
-        labels = pd.to_numeric(self.particles.particles[star_io.CLASS_NUMBER]).to_numpy(np.int64) - 1
-        return np.bincount(labels[self.in_kept_classes() & ~self.fitting_particles()], minlength=len(self.classes))
+        return np.bincount(self.labels()[self.in_kept_classes() & ~self.fitting_particles()],
+                           minlength=len(self.classes))
 
     def fitting_particles(self) -> np.ndarray:
         """``(n,)`` bool, figure of merit at least ``min_fom`` (all True without the column)."""
@@ -246,15 +258,9 @@ def load_selection(cfg: SelectionConfig) -> Selection:
     classes[SELECTED_COLUMN] = keep.astype(np.int64)
     if star_io.PARTICLE_NUMBER not in classes:
         classes[star_io.PARTICLE_NUMBER] = counts
-    min_fom = _min_fom(cfg)
-    if min_fom > 0:
+    if cfg.effective_min_fom > 0:
         particles = _with_figure_of_merit(particles, averages_path, prefix, keep)
-    return Selection(prefix, general, classes, particles, averages_path, min_fom)
-
-
-def _min_fom(cfg: SelectionConfig) -> float:
-    """The figure-of-merit threshold applied: the given one, else the default."""
-    return screening.DEFAULT_MIN_FOM if cfg.min_fom is None else cfg.min_fom
+    return Selection(prefix, general, classes, particles, averages_path, cfg.effective_min_fom)
 
 
 def _particle_diameter_angst(prefix: str) -> float:
@@ -284,13 +290,8 @@ def _with_figure_of_merit(particles: star_io.ParticleTable, averages_path: Path,
     radius = diameter_px / 2 if diameter_px > 0 else DIAMETER_FRACTION * averages.shape[-1] / 2
     fom = np.ones(len(labels))
     if rows.any():
-        try:
-            fom[rows] = screening.figure_of_merit_from_table(subset, averages, radius)
-        except InputFileError as exc:     # the stack reader's fix names classify's --data_dir
-            what = str(exc).split("; pass --data_dir")[0]
-            raise InputFileError(f"{what}; the images are needed to measure each particle's fit: run select "
-                                 f"from the project folder the classification ran in, or pass --min_fom 0 "
-                                 f"to keep whole classes") from None
+        with ParticleStack.from_table(subset, missing_fix=_MISSING_IMAGES_FIX) as stack:
+            fom[rows] = screening.figure_of_merit_from_table(subset, stack, averages, radius)
     table = particles.particles.copy()
     table[star_io.PARTICLE_FIGURE_OF_MERIT] = fom
     return star_io.ParticleTable(particles.path, table, particles.optics)
@@ -309,18 +310,19 @@ def write_selection(selection: Selection, output_dir: str | os.PathLike) -> dict
     order = np.argsort(-classes[scoring.SCORE_COLUMN].to_numpy(), kind="stable")
     averages, _ = _read_averages(selection.averages_path)
     counts = classes[star_io.PARTICLE_NUMBER].to_numpy(np.int64)
+    dropped = selection.dropped_per_class()
     plots.plot_ranked_gallery(averages[: len(classes)], counts, classes[scoring.SCORE_COLUMN].to_numpy(),
-                              selection.kept, paths["gallery"], dropped=selection.dropped_per_class())
+                              selection.kept, paths["gallery"], dropped=dropped)
     general = selection.general or {star_io.NR_CLASSES: len(classes)}
     star_io.write_star_blocks(paths["rank_model"], {"model_general": general, "model_classes": classes})
     kept_classes = classes.iloc[[i for i in order if selection.kept[i]]]
     star_io.write_star_blocks(paths["class_averages"], {"model_classes": kept_classes})
     if not len(kept_table):
         logger.warning("no class passed the selection; particles.star has no particles")
-    dropped = int(selection.dropped_per_class().sum())
-    if dropped:
+    if dropped.any():
         logger.info("dropped %d particles of the kept classes that fit their class average poorly "
-                    "(%s < %g; --min_fom 0 keeps them)", dropped, star_io.PARTICLE_FIGURE_OF_MERIT, selection.min_fom)
+                    "(%s < %g; --min_fom 0 keeps them)", int(dropped.sum()), star_io.PARTICLE_FIGURE_OF_MERIT,
+                    selection.min_fom)
     star_io.write_particles(paths["particles"], kept_table, {}, image_size=int(averages.shape[-1]))
     logger.info("kept %d of %d classes, %d of %d particles -> %s", int(selection.kept.sum()), len(classes),
                 int(kept_rows.sum()), len(kept_rows), paths["particles"])

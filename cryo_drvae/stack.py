@@ -28,6 +28,8 @@ from .normalise import normalise_background
 from .star_io import IMAGE_NAME, IMAGE_SIZE, ParticleTable, image_sizes
 
 logger = logging.getLogger(__name__)
+#: The remedy for missing stacks that ``classify`` gives (its --data_dir).
+MISSING_STACKS_FIX = "pass --data_dir <project folder>"
 
 #: Stacks kept memory-mapped at once; others are re-opened on demand (file-descriptor limit).
 MAX_OPEN_STACKS = 64
@@ -92,8 +94,8 @@ class ParticleStack:
     # --- construction --------------------------------------------------------------------
 
     @classmethod
-    def from_table(cls, table: ParticleTable,
-                   data_dir: str | os.PathLike | None = None) -> ParticleStack:
+    def from_table(cls, table: ParticleTable, data_dir: str | os.PathLike | None = None,
+                   missing_fix: str = MISSING_STACKS_FIX) -> ParticleStack:
         """Locate, open and check every stack that the table's ``rlnImageName`` refers to.
 
         Parameters
@@ -104,6 +106,8 @@ class ParticleStack:
             RELION project folder that the relative stack paths start from. Default: the
             current working directory. A stack not found there is looked up relative to the
             STAR file's own folder.
+        missing_fix : str
+            What the missing-stacks error tells the user to do (the command's own remedy).
 
         Returns
         -------
@@ -123,7 +127,7 @@ class ParticleStack:
         names, slices = _parse_image_names(star, table.particles[IMAGE_NAME])
         codes, unique_names = pd.factorize(names)
         base = Path(data_dir) if data_dir is not None else Path.cwd()
-        paths = _resolve_stack_paths(star, list(unique_names), base)
+        paths = _resolve_stack_paths(star, list(unique_names), base, missing_fix)
         stacks, opened = _open_and_validate(paths, codes, slices)
         try:
             _check_image_size(table, stacks[0])
@@ -289,7 +293,7 @@ def _parse_image_names(star: Path, column: pd.Series) -> tuple[pd.Series, NDArra
     return names, numbers.astype(np.int64) - 1
 
 
-def _resolve_stack_paths(star: Path, names: list[str], base: Path) -> list[Path]:
+def _resolve_stack_paths(star: Path, names: list[str], base: Path, missing_fix: str) -> list[Path]:
     """Resolve stack names as RELION does: against ``base``, then the STAR file's folder."""
     resolved, missing, beside_star = [], [], []
     for name in names:
@@ -311,7 +315,7 @@ def _resolve_stack_paths(star: Path, names: list[str], base: Path) -> list[Path]
         shown = ", ".join(str(p) for p in missing[:3])
         raise InputFileError(f"{star}: {len(missing)} of {len(names)} image stacks not found "
                              f"(e.g. {shown}); relative paths were resolved against {base} "
-                             f"and then {star.parent}; pass --data_dir <project folder>")
+                             f"and then {star.parent}; {missing_fix}")
     return resolved
 
 
