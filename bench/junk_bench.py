@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchlib as bl  # noqa: E402
-from junk_select import person_choice, precision_recall, select_scores  # noqa: E402
+from junk_select import person_choice, precision_recall, read_selected, select_scores  # noqa: E402
 from cryo_drvae.evaluate import true_classes  # noqa: E402
 from cryo_drvae.simulate import SimulationConfig  # noqa: E402
 from cryo_drvae.star_io import read_particles  # noqa: E402
@@ -59,7 +59,7 @@ def junk_row(method: str, sim_dir: Path, data_star: Path, select_dir: Path,
     n_good = int((truth > 0).sum())
     kept, owned = person_choice(truth, data["rlnClassNumber"].to_numpy())
     person = precision_recall(truth[kept], n_good)
-    precision, recall, n_kept = select_scores(sim_dir, select_dir, n_good)
+    precision, recall, n_kept = select_scores(sim_dir, read_selected(select_dir), n_good)
     wall, cpu = ("-", "-") if measured is None else (f"{measured.wall_s:.0f}", f"{measured.cpu_s:.0f}")
     n_views = len(np.unique(truth[truth > 0]))
     return (f"| {method} | {wall} | {cpu} | {person[0]:.3f} / {person[1]:.3f} | {owned} of {n_views} | "

@@ -50,9 +50,13 @@ def person_choice(truth: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, in
     return kept, len(owned)
 
 
-def select_scores(sim_dir: Path, select_dir: Path, n_good: int) -> tuple[float, float, int]:
-    """Precision and recall of the good particles in ``select_dir/particles.star``, and its classes."""
-    selected = read_particles(select_dir / "particles.star").particles
+def read_selected(select_dir: Path) -> pd.DataFrame:
+    """The particles a ``cryo-drvae select`` folder kept."""
+    return read_particles(select_dir / "particles.star").particles
+
+
+def select_scores(sim_dir: Path, selected: pd.DataFrame, n_good: int) -> tuple[float, float, int]:
+    """Precision and recall of the good particles among ``selected``, and its number of classes."""
     precision, recall = precision_recall(true_classes(sim_dir / "truth.csv", selected["rlnImageName"]), n_good)
     return precision, recall, len(np.unique(selected["rlnClassNumber"]))
 
@@ -72,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     kept, owned = person_choice(truth, labels)
     person = precision_recall(truth[kept], n_good)
     chosen = "not run"
-    if args.select:
-        precision, recall, n_kept = select_scores(args.sim, args.select, n_good)
+    selected = read_selected(args.select) if args.select else None
+    if selected is not None:
+        precision, recall, n_kept = select_scores(args.sim, selected, n_good)
         chosen = f"{precision:.3f} / {recall:.3f} | {n_kept}"
     if args.header:
         print(HEADER)
@@ -85,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"person's classes less {FOM} < {DEFAULT_MIN_FOM:g}: precision / recall "
               f"{screened[0]:.3f} / {screened[1]:.3f}")
     kinds = junk_kinds(args.sim / "truth.csv", data["rlnImageName"])
-    kept_by_select = (np.isin(data["rlnImageName"], read_particles(args.select / "particles.star")
-                              .particles["rlnImageName"]) if args.select else np.zeros(len(kinds), bool))
+    kept_by_select = (np.isin(data["rlnImageName"], selected["rlnImageName"]) if selected is not None
+                      else np.zeros(len(kinds), bool))
     print("junk kept (person's classes / select) of all: " + ", ".join(
         f"{kind} {int((kept & (kinds == kind)).sum())} / {int((kept_by_select & (kinds == kind)).sum())} "
         f"of {int((kinds == kind).sum())}" for kind in JUNK_KINDS))
