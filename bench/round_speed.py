@@ -20,10 +20,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryo_drvae.config import DIAMETER_FRACTION, ClusterConfig  # noqa: E402
 from cryo_drvae.ctf import params_from_particles  # noqa: E402
-from cryo_drvae.preprocess import choose_working_box, plan_preparation, prepare_working_set  # noqa: E402
+from cryo_drvae.preprocess import WorkingSet, choose_working_box, plan_preparation, prepare_working_set  # noqa: E402
 from cryo_drvae.refine import Refiner  # noqa: E402
 from cryo_drvae.stack import ParticleStack  # noqa: E402
 from cryo_drvae.star_io import pixel_sizes, read_particles  # noqa: E402
+
+
+def working_set(star: Path, working_box: int = 0) -> tuple[WorkingSet, int]:
+    """The particles of ``star`` prepared as ``classify`` prepares them (box by its rule when 0)."""
+    table = read_particles(star)
+    stack = ParticleStack.from_table(table)
+    pixel = float(pixel_sizes(table)[0])
+    diameter = DIAMETER_FRACTION * stack.box_size * pixel
+    box = choose_working_box(stack.box_size, pixel, working_box, particle_diameter=diameter)
+    ctf = params_from_particles(table.per_particle(), str(table.path))
+    return prepare_working_set(stack, plan_preparation(stack, ctf, pixel, diameter, box, 0)), box
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.j)
     torch.set_flush_denormal(True)
-    table = read_particles(args.i)
-    stack = ParticleStack.from_table(table)
-    pixel = float(pixel_sizes(table)[0])
-    diameter = DIAMETER_FRACTION * stack.box_size * pixel
-    box = choose_working_box(stack.box_size, pixel, args.working_box, particle_diameter=diameter)
-    ctf = params_from_particles(table.per_particle(), str(table.path))
-    ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel, diameter, box, 0))
+    ws, box = working_set(args.i, args.working_box)
     cfg = ClusterConfig(n_classes=args.K, psi_step=args.psi_step, search_margin=args.search_margin)
     ref = Refiner(ws, cfg, torch.device("cpu"))
     rows = np.random.default_rng(0).choice(len(ws), args.K, replace=False)

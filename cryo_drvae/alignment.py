@@ -166,23 +166,74 @@ class PoseOperator:
         """``(K, box, box)`` references -> ``(K, P, M)`` templates (contiguous)."""
         k = references.shape[0]
         out = self._apply(references)                                           # (K, rows)
-        if self.factored:                                                       # (K, R, S*M)
-            # advanced indexing of the flattened rows: ~6x faster on CPU than index_select on dim 2
-            out = out.reshape(k * len(self.grid.psi_deg), -1)[:, self._gather]
-        # contiguous: a strided view here made every pose_scores call copy all templates
-        return out.reshape(k, self.grid.n_poses, self.n_masked)
+        if not self.factored:
+            return out.reshape(k, self.grid.n_poses, self.n_masked)
+        padded = out.reshape(k, len(self.grid.psi_deg), -1)                     # (K, R, Bp^2)
+        templates = torch.empty(k, self.grid.n_poses, self.n_masked, device=out.device)
+        for j in range(k):
+            self.shifted(padded[j], out=templates[j])
+        return templates
+
+    def padded_rotations(self, references: torch.Tensor) -> torch.Tensor:
+        """``(K, box, box)`` -> ``(K, R, Bp^2)``: every reference rotated onto the padded box
+        (factored operators); :meth:`shifted` turns one class's into its templates."""
+        if not self.factored:
+            raise ValueError("padded rotations need the factored (integer-shift) operator")
+        return self._apply(references).reshape(references.shape[0], len(self.grid.psi_deg), -1)
+
+    def shifted(self, padded: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One class's ``(R, Bp^2)`` padded rotations -> its ``(P, M)`` templates (into ``out``).
+
+        One class at a time into a reused buffer: ``torch.gather`` there ran 10-15x faster on a
+        CPU than advanced indexing of every class into one fresh array (measured, 100 classes at
+        a 56 px box: 0.33 s against 3.2-5.5 s)."""
+        n_psi = padded.shape[0]
+        if out is None:
+            out = torch.empty(self.grid.n_poses, self.n_masked, device=padded.device)
+        index = self._gather[None].expand(n_psi, -1)
+        torch.gather(padded, 1, index, out=out.view(n_psi, -1))
+        return out
 
     def adjoint(self, stacks: torch.Tensor) -> torch.Tensor:
         """``(K, P, M)`` pose-resolved sums -> ``(K, box, box)`` in the reference frame."""
+        return self.from_frame(self.to_frame(stacks))
+
+    # A class's *frame*: the rows of the sparse matrix (the padded rotations, factored operators;
+    # every pose's masked pixels otherwise). Sums kept there are O(K R Bp^2), not O(K P M).
+    @property
+    def frame_size(self) -> int:
+        return self._matrix.shape[0]
+
+    def to_frame(self, stacks: torch.Tensor) -> torch.Tensor:
+        """``(K, P, M)`` pose-resolved sums -> ``(K, frame_size)``."""
         k = stacks.shape[0]
         stacks = stacks.to(self.device, torch.float32)
+        if not self.factored:
+            return stacks.reshape(k, -1)
+        n_psi = len(self.grid.psi_deg)
+        frames = torch.zeros(k, n_psi, self.frame_size // n_psi, device=self.device)
+        return frames.index_add_(2, self._gather, stacks.reshape(k, n_psi, -1)).reshape(k, -1)
+
+    def place(self, labels: torch.Tensor, pose: torch.Tensor, images: torch.Tensor,
+              frames: torch.Tensor) -> torch.Tensor:
+        """Add masked ``images`` ``(n, M)`` at their ``pose`` into ``frames[labels]`` (in place):
+        a hard assignment's sums without the ``(K, P, M)`` pose-resolved array."""
+        n_shifts, m = len(self.grid.shifts), self.n_masked
+        labels, pose = labels.to(self.device), pose.to(self.device)
         if self.factored:
-            n_psi = len(self.grid.psi_deg)
-            padded = (self.box_size + 2 * self.pad) ** 2
-            rotated = torch.zeros(k, n_psi, padded, device=self.device)
-            stacks = rotated.index_add_(2, self._gather, stacks.reshape(k, n_psi, -1))
-        flat = stacks.reshape(k, -1).t().contiguous()                            # (rows, K)
-        out = self._matrix_t @ flat                                             # (box², K)
+            psi, shift = pose // n_shifts, pose % n_shifts
+            pixels = self._gather.view(n_shifts, m)[shift]                      # (n, M)
+            pixels = pixels + (psi * (self.frame_size // len(self.grid.psi_deg)))[:, None]
+        else:
+            pixels = pose[:, None] * m + torch.arange(m, device=self.device)[None]
+        index = (labels * self.frame_size)[:, None] + pixels
+        frames.view(-1).index_add_(0, index.reshape(-1), images.to(self.device, torch.float32).reshape(-1))
+        return frames
+
+    def from_frame(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(K, frame_size)`` sums -> ``(K, box, box)`` in the reference frame (the matrix's adjoint)."""
+        k = frames.shape[0]
+        out = self._matrix_t @ frames.to(self.device, torch.float32).reshape(k, -1).t().contiguous()
         return out.t().contiguous().reshape(k, self.box_size, self.box_size)
 
     def coverage(self) -> torch.Tensor:

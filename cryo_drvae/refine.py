@@ -32,7 +32,8 @@ from .search import MIN_SHORTLISTED_CLASSES, CoarseSearch, Shortlist
 logger = logging.getLogger(__name__)
 
 ML_REGULARISATION = 1e-2   # x noise variance, added to the summed CTF^2 of a class's references
-SHORTLIST_ROW_CLASSES = 8  # classes per particle a shortlisted chunk is sized for
+SHORTLIST_ROW_CLASSES = 8  # classes per particle a shortlisted chunk is sized for (soft statistics)
+HARD_SHORTLIST_ROWS = 16384  # particles per shortlisted chunk without statistics (templates built once per chunk)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Assignment:
 class Statistics:
     """Sufficient statistics for class averages."""
 
-    pose_sums: torch.Tensor        # (K, P, M) weighted sums of masked images per pose
+    frame_sums: torch.Tensor       # (K, frame) weighted sums of masked images at their poses (PoseOperator.to_frame)
     ctf2_sums: torch.Tensor        # (K, S) weighted sums of squared effective CTF per shell
     weights: torch.Tensor          # (K,) total weight per class
 
@@ -99,13 +100,12 @@ class AlignedMetric:
         return dist, pose
 
     def means(self, labels: NDArray, dist: NDArray, pose: NDArray, old: torch.Tensor) -> torch.Tensor:
-        ref, points = self.refiner, self.points
-        k, p = len(old), ref.grid.n_poses
-        own_pose = pose[np.arange(len(labels)), labels]
-        sums = torch.zeros(k * p, points.shape[1])
-        sums.index_add_(0, torch.from_numpy(labels * p + own_pose), points)
+        ref, k = self.refiner, len(old)
+        own_pose = torch.from_numpy(pose[np.arange(len(labels)), labels])
+        frames = torch.zeros(k, ref.op.frame_size, device=ref.device)
+        ref.op.place(torch.from_numpy(labels), own_pose, self.points, frames)
         counts = torch.bincount(torch.from_numpy(labels), minlength=k).float().clamp(min=1)
-        back = ref.op.adjoint(sums.reshape(k, p, -1).to(ref.device)).cpu()
+        back = ref.op.from_frame(frames).cpu()
         return back / (counts[:, None, None] * ref.coverage.cpu().clamp(min=0.3))
 
 
@@ -150,20 +150,21 @@ class Refiner:
 
         ``labels``/``pose`` are per local particle (per member with ``members``); sums over ranks.
         """
-        k, p = n_classes or self.cfg.n_classes, self.grid.n_poses
-        sums = torch.zeros(k * p, self.weighted.shape[1])
-        slot = torch.from_numpy(np.asarray(labels, np.int64) * p + np.asarray(pose, np.int64))
+        k = n_classes or self.cfg.n_classes
+        frames = torch.zeros(k, self.op.frame_size, device=self.device)
+        group = torch.from_numpy(np.asarray(labels, np.int64))
+        at = torch.from_numpy(np.asarray(pose, np.int64))
         if members is None:
             ctf2_shells = self.ws.ctf2_shells
             for start, chunk in self.weighted.chunks(self.batch):
-                sums.index_add_(0, slot[start:start + len(chunk)], chunk)
+                rows = slice(start, start + len(chunk))
+                self.op.place(group[rows], at[rows], chunk, frames)
         else:
             ctf2_shells = self.ws.ctf2_shells[torch.from_numpy(np.asarray(members, np.int64))]
-            sums.index_add_(0, slot, self.weighted.take(members))
-        group = torch.from_numpy(np.asarray(labels, np.int64))
+            self.op.place(group, at, self.weighted.take(members), frames)
         ctf2 = torch.zeros(k, ctf2_shells.shape[1]).index_add_(0, group, ctf2_shells)
         weights = torch.bincount(group, minlength=k).float()
-        return Statistics(self.comm.sum(sums).reshape(k, p, -1), self.comm.sum(ctf2), self.comm.sum(weights))
+        return Statistics(self.comm.sum(frames.cpu()), self.comm.sum(ctf2), self.comm.sum(weights))
 
     def references(self, stats: Statistics) -> torch.Tensor:
         """Wiener-filtered, solvent-masked class references ``(K, W, W)`` from statistics."""
@@ -186,7 +187,7 @@ class Refiner:
         """Spectrum of the members' sums brought into the reference frame by the exact adjoint of
         the pose operator; not divided by the poses' coverage, so that the references maximise the
         E-step's own likelihood (with that division EM lowered it step after step: docs/method.md)."""
-        numerator = self.op.adjoint(stats.pose_sums.to(self.device)).cpu()
+        numerator = self.op.from_frame(stats.frame_sums).cpu()
         return torch.fft.rfft2(numerator, norm="ortho")
 
     def common_band(self, spectrum: torch.Tensor, ctf2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -210,10 +211,13 @@ class Refiner:
         its shortlisted classes (``search.py``); the others get the coarse estimate.
         """
         k, p = refs.shape[0], self.grid.n_poses
-        templates = self.op.forward(refs).div_(self.ws.noise_var)            # (K, P, M), one copy
         power = shell_sum(torch.fft.rfft2(refs, norm="ortho").abs() ** 2 * self.multiplicity,
                            self.shells, self.ws.ctf2_shells.shape[1])        # (K, S)
         shortlist = self.shortlist(refs, log_prior)
+        if shortlist is None:
+            templates = self.op.forward(refs).div_(self.ws.noise_var)        # (K, P, M), one copy
+        else:   # built one class at a time inside each chunk (ClassTemplates)
+            templates = ClassTemplates(self.op, refs, self.ws.noise_var)
         n = len(self.weighted)
         loglik = np.empty((n, k), dtype=np.float32)
         best_pose = np.empty((n, k), dtype=np.int32)
@@ -221,7 +225,9 @@ class Refiner:
         sums = torch.zeros(k * p if soft_statistics else 0, self.weighted.shape[1], device=self.device)
         ctf2_sums = torch.zeros(k, self.ws.ctf2_shells.shape[1], device=self.device)
         prior = log_prior.to(self.device)
-        batch = self.batch if shortlist is None else self.shortlist_batch
+        batch = self.batch
+        if shortlist is not None:
+            batch = self.shortlist_batch if soft_statistics else HARD_SHORTLIST_ROWS
         progress = tqdm(total=n, desc="aligning", unit="particle", unit_scale=True, disable=None, leave=False)
         for start, rows in self.weighted.chunks(batch):
             progress.update(len(rows))
@@ -255,7 +261,7 @@ class Refiner:
         if not soft_statistics:
             return loglik, best_pose, None
         weights = ctf2_sums.new_zeros(k)  # filled by the caller from the posteriors
-        stats = Statistics(self.comm.sum(sums.reshape(k, p, -1).cpu()), self.comm.sum(ctf2_sums.cpu()),
+        stats = Statistics(self.comm.sum(self.op.to_frame(sums.reshape(k, p, -1)).cpu()), self.comm.sum(ctf2_sums.cpu()),
                            weights.cpu())
         return loglik, best_pose, stats
 
@@ -415,7 +421,20 @@ def score_every_class(chunk: torch.Tensor, templates: torch.Tensor, offset: torc
     return best + within.log() + offset, arg, [(None, None, spread, within)]
 
 
-def score_shortlisted(chunk: torch.Tensor, templates: torch.Tensor, offset: torch.Tensor,
+class ClassTemplates:
+    """One class's ``(P, M)`` templates at a time, into one reused buffer (``PoseOperator.shifted``):
+    holding every class's, ``(K, P, M)``, took 2.8 GB and 2-5 s to fill at K = 100 and a 56 px box."""
+
+    def __init__(self, op: PoseOperator, refs: torch.Tensor, noise_var: float):
+        self.op = op
+        self.padded = op.padded_rotations(refs).div_(noise_var)             # (K, R, Bp^2)
+        self.buffer = torch.empty(op.grid.n_poses, op.n_masked, device=self.padded.device)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.op.shifted(self.padded[j], out=self.buffer)
+
+
+def score_shortlisted(chunk: torch.Tensor, templates: ClassTemplates, offset: torch.Tensor,
                       shortlist: Shortlist, part: slice) -> tuple[torch.Tensor, torch.Tensor, list[ScoredRows]]:
     """As :func:`score_every_class` for the shortlisted (particle, class) pairs only; the other
     pairs get the coarse log-likelihood moved by the particle's fine-minus-coarse difference on

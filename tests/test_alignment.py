@@ -35,6 +35,21 @@ def test_adjoint_is_the_transpose():
     assert torch.allclose((op.forward(b) * a).sum(), (op.adjoint(a) * b).sum(), rtol=1e-4)
 
 
+def test_placing_images_at_poses_is_the_adjoint_of_their_one_hot_pose_sums():
+    # hard-assignment statistics go straight into each class's frame; a wrong shift, rotation
+    # or class offset in the index puts the pixels elsewhere
+    for grid in (make_pose_grid(45.0, 2.0), make_pose_grid(90.0, 1.0, shift_step_px=0.5)):
+        op = PoseOperator(24, grid, circular_mask(24, 11))
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(30, op.n_masked, generator=generator)
+        labels = torch.randint(0, 3, (30,), generator=generator)
+        pose = torch.randint(0, grid.n_poses, (30,), generator=generator)
+        one_hot = torch.zeros(3 * grid.n_poses, op.n_masked).index_add_(0, labels * grid.n_poses + pose, images)
+        expected = op.adjoint(one_hot.reshape(3, grid.n_poses, -1))
+        frames = op.place(labels, pose, images, torch.zeros(3, op.frame_size))
+        assert torch.allclose(op.from_frame(frames), expected, atol=1e-4)
+
+
 def test_rotated_shifted_copy_is_found_at_its_pose():
     grid = make_pose_grid(10.0, 3.0)
     mask = circular_mask(32, 15)

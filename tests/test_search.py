@@ -62,7 +62,7 @@ def test_shortlisted_e_step_matches_the_exhaustive_one_and_scores_fewer_classes(
     rows = np.arange(len(labels))
     assert np.mean(labels == labels2) >= 0.995
     assert np.mean(pose[rows, labels] == pose2[rows, labels]) >= 0.995
-    relative = (stats.pose_sums - stats2.pose_sums).norm() / stats.pose_sums.norm()
+    relative = (stats.frame_sums - stats2.frame_sums).norm() / stats.frame_sums.norm()
     assert relative < 0.01, float(relative)
     # the classes left out are estimated at least the margin below the particle's best
     joint2 = ll2 + state.log_prior[None]
@@ -80,7 +80,7 @@ def test_an_unbounded_margin_is_the_exhaustive_e_step(kpr_set):
     ll2, pose2, stats2 = with_margin(exhaustive, 1e9).expectation(state.refs, prior)
     assert np.abs(ll - ll2).max() < 1e-2
     assert np.array_equal(pose, pose2)
-    assert torch.allclose(stats.pose_sums, stats2.pose_sums, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(stats.frame_sums, stats2.frame_sums, rtol=1e-3, atol=1e-4)
     assert torch.allclose(stats.ctf2_sums, stats2.ctf2_sums, rtol=1e-4)
 
 
@@ -94,3 +94,44 @@ def test_few_references_are_scored_exhaustively(kpr_set):
     assert ref._search is None
     ref.expectation(state.refs, torch.from_numpy(state.log_prior).float())
     assert ref._search is not None
+
+
+@needs_structures
+def test_band_pass_on_chosen_pairs_equals_the_full_band_pass_and_the_screen_uses_even_shifts(kpr_set):
+    ref = refiner_for(kpr_set, search_margin=10.0)
+    state = template_state(with_margin(ref, 0.0), kpr_set)
+    coarse = search.CoarseSearch(ref, margin=10.0)
+    spectra = coarse._rotated_spectra(state.refs)
+    band = coarse.band.coefficients(spectra)
+    full_ll, full_pose = coarse.band.score_every_class(band)
+    chosen = torch.rand(full_ll.shape, generator=torch.Generator().manual_seed(1)) < 0.4
+    ll, pose = coarse.band.score_pairs(band, chosen)
+    assert torch.allclose(ll[chosen], full_ll[chosen], atol=1e-3)
+    assert torch.equal(pose[chosen], full_pose[chosen]) and torch.isinf(ll[~chosen]).all()
+    screen_ll, screen_pose = coarse.screen.score_every_class(coarse.screen.coefficients(spectra))
+    _, shifts = ref.grid.decode(screen_pose.numpy().ravel())
+    assert np.all(np.mod(shifts, 2) == 0)
+    # a lower band and a quarter of the shifts: it ranks worse than the band pass, but the band
+    # pass's best class is within the screen's margin of the screen's best
+    band_best = full_ll.argmax(1, keepdim=True)
+    gap = screen_ll.max(1).values - screen_ll.gather(1, band_best)[:, 0]
+    assert float(gap.max()) < 10.0 + search.SCREEN_SLACK, float(gap.max())
+    assert torch.mean((screen_ll.argmax(1) == band_best[:, 0]).float()) >= 0.8
+
+
+@needs_structures
+def test_screened_e_step_matches_the_exhaustive_one(kpr_set, monkeypatch):
+    monkeypatch.setattr(search, "SCREEN_MIN_CLASSES", 1)
+    exhaustive = refiner_for(kpr_set, search_margin=0.0)
+    state = template_state(exhaustive, kpr_set)
+    prior = torch.from_numpy(state.log_prior).float()
+    ll, pose, stats = exhaustive.expectation(state.refs, prior)
+    screened = with_margin(exhaustive, 10.0)
+    ll2, pose2, stats2 = screened.expectation(state.refs, prior)
+    assert screened._search._screen is not None                    # the screen ran
+    labels, labels2 = posterior(ll, state.log_prior).argmax(1), posterior(ll2, state.log_prior).argmax(1)
+    rows = np.arange(len(labels))
+    assert np.mean(labels == labels2) >= 0.995
+    assert np.mean(pose[rows, labels] == pose2[rows, labels]) >= 0.995
+    relative = (stats.frame_sums - stats2.frame_sums).norm() / stats.frame_sums.norm()
+    assert relative < 0.01, float(relative)
