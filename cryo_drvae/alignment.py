@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # RELION's sign for origins relative to ours: origin = ORIGIN_SIGN * shift (see to_relion_pose).
 ORIGIN_SIGN = -1.0
 PSI_SIGN = 1.0
+DENSE_ROTATION_SHARE = 0.5  # kept rotations above this share: one product over every pose
 EXP_FLOOR = -80.0          # pose log-ratios below this are exp'ed as this (1.8e-35, no float32 underflow)
 
 
@@ -246,6 +247,22 @@ def pose_scores(images: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
     """Inner products ``(n, K, P)`` of masked images ``(n, M)`` with templates ``(K, P, M)``."""
     k, p, m = templates.shape
     return (images @ templates.reshape(k * p, m).t()).reshape(-1, k, p)
+
+
+def kept_rotation_scores(images: torch.Tensor, templates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Scores ``(m, P)`` of images ``(m, D)`` against one class's templates ``(P, D)`` at the
+    rotations ``keep`` ``(m, R)`` allows (-inf elsewhere): one product per rotation when few are
+    kept, one product over every pose when most are."""
+    m, n_psi = keep.shape
+    n_shifts = templates.shape[0] // n_psi
+    if float(keep.float().mean()) > DENSE_ROTATION_SHARE:
+        scores = (images @ templates.t()).view(m, n_psi, n_shifts)
+    else:
+        scores = images.new_full((m, n_psi, n_shifts), -np.inf)
+        for r in torch.nonzero(keep.any(0)).flatten().tolist():
+            rows = torch.nonzero(keep[:, r]).flatten()
+            scores[rows, r] = images[rows] @ templates[r * n_shifts:(r + 1) * n_shifts].t()
+    return scores.masked_fill_(~keep.unsqueeze(2), -np.inf).view(m, -1)
 
 
 def chunk_size(n_templates: int, budget: int = 1 << 25) -> int:

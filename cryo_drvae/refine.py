@@ -20,7 +20,7 @@ import torch
 from numpy.typing import NDArray
 from scipy.special import logsumexp
 
-from .alignment import EXP_FLOOR, PoseOperator, chunk_size, make_pose_grid, pose_scores
+from .alignment import EXP_FLOOR, PoseOperator, chunk_size, kept_rotation_scores, make_pose_grid, pose_scores
 from .clustering import balanced_assignment, bsk_means, size_bounds
 from .config import ClusterConfig
 from .distributed import Comm
@@ -445,9 +445,11 @@ def score_shortlisted(chunk: torch.Tensor, templates: ClassTemplates, offset: to
     class_ll = torch.empty_like(offset)
     arg = shortlist.fine_pose[part].to(chunk.device).clone()
     scored = []
+    n_psi = templates.op.grid.psi_deg.size
     for j in torch.nonzero(chosen.any(0)).flatten().tolist():
         rows = torch.nonzero(chosen[:, j]).flatten()
-        scores = chunk[rows] @ templates[j].t()                              # (m, P)
+        keep = shortlist.rotations_of(rows.cpu() + part.start, j, n_psi).to(chunk.device)
+        scores = kept_rotation_scores(chunk[rows], templates[j], keep)     # (m, P)
         best, arg[rows, j] = scores.max(dim=1)
         spread = scores.sub_(best.unsqueeze(1)).clamp_(min=EXP_FLOOR).exp_()
         within = spread.sum(1)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .alignment import EXP_FLOOR
+from .alignment import EXP_FLOOR, kept_rotation_scores
 from .fourier import frequency_grid, rfft_weights, shell_index
 
 if TYPE_CHECKING:
@@ -49,7 +49,9 @@ MIN_BAND_SHELL = 6            # the coarse band: at least these shells ...
 BAND_FRACTION = 1.0 / 6.0     # ... or this share of the working box
 TEMPLATE_BUDGET = 1 << 26     # floats of band templates held at once (classes are taken in groups)
 SCREEN_MIN_CLASSES = 24       # from this many classes the band pass is preceded by the screen
-SCREEN_SLACK = 15.0           # nats added to the margin for the screen (a cruder estimate)
+SCREEN_SLACK = 15.0           # nats added to the margin for the classes the screen keeps ...
+SCREEN_ROTATION_SLACK = 30.0  # ... and for the rotations of theirs the band pass scores
+ROTATION_SLACK = 10.0         # nats added to the margin for the rotations scored exactly
 
 
 def band_shell(box: int) -> int:
@@ -64,18 +66,45 @@ class Shortlist:
     coarse_ll: torch.Tensor     # (n, K) band-limited class log-likelihoods, poses marginalised
     fine_pose: torch.Tensor     # (n, K) the band pass's best pose (the same grid as the exact pass)
     best: torch.Tensor          # (n, 1) the class of highest band log-posterior (always chosen)
+    rotations: torch.Tensor     # (n, K, B) uint8, packed: the rotations to score exactly (pack_rotations)
 
     @property
     def mean_classes(self) -> float:
         return float(self.chosen.sum(1).float().mean())
+
+    def rotations_of(self, rows: torch.Tensor | slice, j: int, n_psi: int) -> torch.Tensor:
+        """``(m, R)`` bool: the rotations of class ``j`` worth scoring exactly for ``rows``."""
+        return unpack_rotations(self.rotations[rows, j], n_psi)
+
+
+BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_rotations(keep: torch.Tensor) -> torch.Tensor:
+    """``(..., R)`` bool -> ``(..., ceil(R / 8))`` uint8 bit masks."""
+    pad = (-keep.shape[-1]) % 8
+    keep = torch.cat([keep, keep.new_zeros(*keep.shape[:-1], pad)], dim=-1)
+    bits = keep.reshape(*keep.shape[:-1], -1, 8).to(torch.uint8) * BIT_VALUES.to(keep.device)
+    return bits.sum(-1, dtype=torch.uint8)
+
+
+def unpack_rotations(packed: torch.Tensor, n_psi: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rotations`: ``(..., B)`` uint8 -> ``(..., R)`` bool."""
+    bits = (packed.unsqueeze(-1) & BIT_VALUES.to(packed.device)) != 0
+    return bits.reshape(*packed.shape[:-1], -1)[..., :n_psi]
+
+
+def every_rotation(n: int, k: int, n_psi: int) -> torch.Tensor:
+    return torch.full((n, k, (n_psi + 7) // 8), 255, dtype=torch.uint8)
 
 
 class BandPass:
     """Class log-likelihoods of a :class:`Refiner`'s particles on the Fourier coefficients up to
     ``shell``, marginalised over its rotations and the shifts ``shift_ids`` (indices into its grid)."""
 
-    def __init__(self, fine: Refiner, shell: int, shift_ids: np.ndarray):
+    def __init__(self, fine: Refiner, shell: int, shift_ids: np.ndarray, rotation_margin: float):
         self.fine, self.device, self.shell = fine, fine.device, shell
+        self.rotation_margin = rotation_margin
         box = fine.ws.box_size
         inside = torch.from_numpy(shell_index(box) <= shell)
         self.rows, self.cols = torch.nonzero(inside, as_tuple=True)             # the band's coefficients
@@ -96,7 +125,7 @@ class BandPass:
             images = torch.zeros(len(rows), box, box)
             images[:, mask] = rows
             coefficients = self.coefficients(torch.fft.rfft2(images, norm="ortho"))
-            out[start:start + len(rows)] = torch.cat([coefficients.real, coefficients.imag], dim=1)
+            out[start:start + len(rows)] = torch.view_as_real(coefficients).reshape(len(rows), -1)
         return out
 
     def _shift_phases(self) -> torch.Tensor:
@@ -124,54 +153,68 @@ class BandPass:
         return -0.5 * (ref.ws.ctf2_shells @ power.t()) / ref.ws.noise_var - np.log(self.n_poses)
 
     def templates(self, spectra: torch.Tensor) -> torch.Tensor:
-        """``(k, R, F)`` band spectra -> ``(2F, k * P')`` real templates (pose = rotation x shift)."""
+        """``(k, R, F)`` band spectra -> ``(k * P', 2F)`` real templates (pose = rotation x shift;
+        real and imaginary parts interleaved, as the features)."""
         k, n_psi, f = spectra.shape
         shifted = (spectra[:, :, None, :] * self.phases[None, None]).reshape(k * self.n_poses, f)
-        return (torch.cat([shifted.real, shifted.imag], dim=1) / self.fine.ws.noise_var).t().contiguous()
+        return torch.view_as_real(shifted).reshape(k * self.n_poses, 2 * f).div_(self.fine.ws.noise_var)
 
     def fine_pose(self, pose: torch.Tensor) -> torch.Tensor:
         """This pass's pose indices -> the refiner grid's (same rotations, a subset of shifts)."""
         n_shifts = len(self.shift_ids)
         return (pose // n_shifts) * len(self.fine.grid.shifts) + self.shift_ids[pose % n_shifts]
 
-    def score_every_class(self, spectra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(n, K)`` log-likelihoods and best poses (refiner grid) for every particle and class."""
+    def score_every_class(self, spectra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(n, K)`` log-likelihoods and best poses (refiner grid) for every particle and class,
+        and the rotations within ``rotation_margin`` nats of the best (packed)."""
         k, n, p = spectra.shape[0], len(self.features), self.n_poses
         offset = self.offsets(spectra)
         loglik, best_pose = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
+        rotations = every_rotation(n, k, spectra.shape[1])
         group = max(1, TEMPLATE_BUDGET // (p * self.features.shape[1]))
         batch = max(16, min(8192, (1 << 25) // (group * p)))
         for first in range(0, k, group):
             classes = slice(first, min(k, first + group))
             flat = self.templates(spectra[classes])
-            g = flat.shape[1] // p
+            g = flat.shape[0] // p
             for start in range(0, n, batch):
                 rows = slice(start, min(n, start + batch))
-                ll, arg = marginalise((self.features[rows] @ flat).reshape(-1, g, p))
+                ll, arg, kept = self.marginalise((self.features[rows] @ flat.t()).reshape(-1, g, p))
                 loglik[rows, classes] = ll.cpu() + offset[rows, classes]
                 best_pose[rows, classes] = self.fine_pose(arg.cpu())
-        return loglik, best_pose
+                rotations[rows, classes] = kept.cpu()
+        return loglik, best_pose, rotations
 
-    def score_pairs(self, spectra: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`score_every_class` for the ``chosen`` ``(n, K)`` pairs only (others: -inf, 0)."""
+    def score_pairs(self, spectra: torch.Tensor, chosen: torch.Tensor, allowed: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`score_every_class` for the ``chosen`` ``(n, K)`` pairs only (others: -inf,
+        pose 0, every rotation), at the rotations ``allowed`` (packed, ``(n, K, B)``)."""
+        n_psi = spectra.shape[1]
         k, n = spectra.shape[0], len(self.features)
         offset = self.offsets(spectra)
         loglik = torch.full((n, k), -np.inf)
         best_pose = torch.zeros(n, k, dtype=torch.int64)
+        rotations = every_rotation(n, k, spectra.shape[1])
         for j in torch.nonzero(chosen.any(0)).flatten().tolist():
             rows = torch.nonzero(chosen[:, j]).flatten()
-            flat = self.templates(spectra[j:j + 1])                             # (2F, P')
-            ll, arg = marginalise((self.features[rows.to(self.device)] @ flat).unsqueeze(1))
+            keep = unpack_rotations(allowed[rows, j], n_psi).to(self.device)
+            scores = kept_rotation_scores(self.features[rows.to(self.device)], self.templates(spectra[j:j + 1]), keep)
+            ll, arg, kept = self.marginalise(scores.unsqueeze(1))
             loglik[rows, j] = ll[:, 0].cpu() + offset[rows, j]
             best_pose[rows, j] = self.fine_pose(arg[:, 0].cpu())
-        return loglik, best_pose
+            rotations[rows, j] = kept[:, 0].cpu()
+        return loglik, best_pose, rotations
 
-
-def marginalise(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c, g, P)`` pose scores -> log-sum over poses and the best pose, ``(c, g)`` each (in place)."""
-    best, arg = scores.max(dim=2)
-    within = scores.sub_(best.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_().sum(2)
-    return best + within.log(), arg
+    def marginalise(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(c, g, P)`` pose scores -> log-sum over poses, the best pose ``(c, g)`` and the packed
+        rotations whose share of that sum is within ``rotation_margin`` nats of the best one's
+        ``(c, g, B)`` (in place)."""
+        c, g, _ = scores.shape
+        best, arg = scores.max(dim=2)
+        spread = scores.sub_(best.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
+        per_rotation = spread.view(c, g, len(self.fine.grid.psi_deg), -1).sum(3)   # (c, g, R)
+        floor = per_rotation.amax(2, keepdim=True) * float(np.exp(-min(self.rotation_margin, -EXP_FLOOR)))
+        return best + per_rotation.sum(2).log(), arg, pack_rotations(per_rotation >= floor)
 
 
 class CoarseSearch:
@@ -182,7 +225,7 @@ class CoarseSearch:
         self.fine, self.margin = fine, margin
         box = fine.ws.box_size
         every_shift = np.arange(len(fine.grid.shifts))
-        self.band = BandPass(fine, band_shell(box), every_shift)
+        self.band = BandPass(fine, band_shell(box), every_shift, margin + ROTATION_SLACK)
         self.shell = self.band.shell
         even = np.all(np.mod(np.asarray(fine.grid.shifts), 2) == 0, axis=1)
         self._screen_shifts = every_shift[even]
@@ -197,7 +240,7 @@ class CoarseSearch:
     @property
     def screen(self) -> BandPass:
         if self._screen is None:
-            self._screen = BandPass(self.fine, self.shell, self._screen_shifts)
+            self._screen = BandPass(self.fine, self.shell, self._screen_shifts, self.margin + SCREEN_ROTATION_SLACK)
         return self._screen
 
     def _rotated_spectra(self, refs: torch.Tensor) -> torch.Tensor:
@@ -212,24 +255,25 @@ class CoarseSearch:
         prior = log_prior[None].float()
         band_spectra = self.band.coefficients(spectra)
         if refs.shape[0] < SCREEN_MIN_CLASSES:
-            coarse_ll, best_pose = self.band.score_every_class(band_spectra)
+            coarse_ll, best_pose, rotations = self.band.score_every_class(band_spectra)
         else:
-            coarse_ll, best_pose = self.screened(spectra, band_spectra, prior)
+            coarse_ll, best_pose, rotations = self.screened(spectra, band_spectra, prior)
         joint = coarse_ll + prior
         top = joint.max(1, keepdim=True)
         chosen = joint >= top.values - self.margin
-        return Shortlist(chosen, coarse_ll, best_pose, top.indices)
+        return Shortlist(chosen, coarse_ll, best_pose, top.indices, rotations)
 
     def screened(self, spectra: torch.Tensor, band_spectra: torch.Tensor, prior: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Band log-likelihoods of the classes the screen keeps; the others get the screen's
-        estimate moved by the particle's band-minus-screen difference on its best screened class."""
-        screen_ll, screen_pose = self.screen.score_every_class(self.screen.coefficients(spectra))
+        estimate moved by the particle's band-minus-screen difference on its best screened class
+        (and every rotation, should the exact pass score them)."""
+        screen_ll, screen_pose, allowed = self.screen.score_every_class(self.screen.coefficients(spectra))
         joint = screen_ll + prior
         top = joint.max(1, keepdim=True)
         kept = joint >= top.values - (self.margin + SCREEN_SLACK)
-        band_ll, band_pose = self.band.score_pairs(band_spectra, kept)
+        band_ll, band_pose, rotations = self.band.score_pairs(band_spectra, kept, allowed)
         moved = screen_ll + (band_ll.gather(1, top.indices) - screen_ll.gather(1, top.indices))
         logger.debug("coarse screen: %.1f of %d classes per particle kept for the band pass",
                      float(kept.sum(1).float().mean()), spectra.shape[0])
-        return torch.where(kept, band_ll, moved), torch.where(kept, band_pose, screen_pose)
+        return torch.where(kept, band_ll, moved), torch.where(kept, band_pose, screen_pose), rotations

@@ -103,12 +103,14 @@ def test_band_pass_on_chosen_pairs_equals_the_full_band_pass_and_the_screen_uses
     coarse = search.CoarseSearch(ref, margin=10.0)
     spectra = coarse._rotated_spectra(state.refs)
     band = coarse.band.coefficients(spectra)
-    full_ll, full_pose = coarse.band.score_every_class(band)
+    full_ll, full_pose, full_rotations = coarse.band.score_every_class(band)
     chosen = torch.rand(full_ll.shape, generator=torch.Generator().manual_seed(1)) < 0.4
-    ll, pose = coarse.band.score_pairs(band, chosen)
+    every = search.every_rotation(*chosen.shape, spectra.shape[1])
+    ll, pose, rotations = coarse.band.score_pairs(band, chosen, every)
     assert torch.allclose(ll[chosen], full_ll[chosen], atol=1e-3)
     assert torch.equal(pose[chosen], full_pose[chosen]) and torch.isinf(ll[~chosen]).all()
-    screen_ll, screen_pose = coarse.screen.score_every_class(coarse.screen.coefficients(spectra))
+    assert torch.equal(rotations[chosen], full_rotations[chosen]) and (rotations[~chosen] == 255).all()
+    screen_ll, screen_pose, _ = coarse.screen.score_every_class(coarse.screen.coefficients(spectra))
     _, shifts = ref.grid.decode(screen_pose.numpy().ravel())
     assert np.all(np.mod(shifts, 2) == 0)
     # a lower band and a quarter of the shifts: it ranks worse than the band pass, but the band
@@ -135,3 +137,31 @@ def test_screened_e_step_matches_the_exhaustive_one(kpr_set, monkeypatch):
     assert np.mean(pose[rows, labels] == pose2[rows, labels]) >= 0.995
     relative = (stats.frame_sums - stats2.frame_sums).norm() / stats.frame_sums.norm()
     assert relative < 0.01, float(relative)
+
+
+def test_rotation_masks_pack_and_unpack():
+    keep = torch.rand(5, 3, 37, generator=torch.Generator().manual_seed(2)) < 0.3
+    packed = search.pack_rotations(keep)
+    assert packed.shape == (5, 3, 5) and packed.dtype == torch.uint8
+    assert torch.equal(search.unpack_rotations(packed, 37), keep)
+
+
+@needs_structures
+def test_exact_pass_scores_the_rotations_the_band_pass_keeps(kpr_set):
+    # the band pass's pose sums per rotation decide which rotations the exact pass scores: its
+    # best pose keeps its own rotation, and the rotations left out hold no posterior mass
+    exhaustive = refiner_for(kpr_set, search_margin=0.0, psi_step=10.0)
+    state = template_state(exhaustive, kpr_set)
+    prior = torch.from_numpy(state.log_prior).float()
+    ll, pose, _ = exhaustive.expectation(state.refs, prior)
+    ref = with_margin(exhaustive, 10.0)
+    short = ref.shortlist(state.refs, prior)
+    n_psi = len(ref.grid.psi_deg)
+    kept = search.unpack_rotations(short.rotations, n_psi)                  # (n, K, R)
+    assert kept.float().mean() < 0.5                                         # it saves work
+    ll2, pose2, _ = ref.expectation(state.refs, prior)
+    rows, own = np.arange(len(ll)), ll.argmax(1)
+    best_rotation = torch.from_numpy(pose[rows, own] // len(ref.grid.shifts))
+    assert kept[rows, own, best_rotation].float().mean() >= 0.995
+    chosen = short.chosen.numpy()
+    assert np.abs(ll - ll2)[chosen].max() < 0.5 and np.median(np.abs(ll - ll2)[chosen]) < 1e-3
