@@ -1,14 +1,15 @@
-"""Does the coarse class search keep each particle's best class? One E-step, three ways.
+"""Does the coarse class search keep each particle's best class? One E-step, two ways.
 
     python bench/search_check.py --sim SIM_DIR [--j 2] [--working_box W] [--psi_step 10]
-        [--search_margin NATS]
+        [--search_margin NATS] [--references true|round]
 
 References are the simulation's true templates (``templates.mrcs``) at the working box, scaled
-by the excess image energy. The same E-step runs exhaustively (every class, every pose), with
-the band pass alone, and with the screen in front of it (``search.py``); for each search it
-prints the classes scored exactly per particle, the share of particles whose exhaustive best
-class was left out (*missed*), label and pose agreement with the exhaustive E-step, and the
-seconds each E-step took.
+by the excess image energy, or (``--references round``) those one round makes from K random
+particles, as ``bench/round_speed.py`` times. The same E-step runs exhaustively (every class,
+every pose) and with the class search (``search.py``); it prints the classes scored exactly per
+particle, the share of particles whose exhaustive best class was left out (*missed*), label and
+pose agreement with the exhaustive E-step, the largest error of the own class's log-likelihood,
+and the seconds each E-step took.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-from cryo_drvae import search  # noqa: E402
 from cryo_drvae.config import ClusterConfig  # noqa: E402
 from cryo_drvae.refine import Refiner, posterior  # noqa: E402
 from round_speed import working_set  # noqa: E402
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--psi_step", type=float, default=10.0)
     parser.add_argument("--working_box", type=int, default=0, help="as classify's (0: its rule)")
     parser.add_argument("--search_margin", type=float, default=ClusterConfig.search_margin)
+    parser.add_argument("--references", choices=("true", "round"), default="true",
+                        help="true templates, or the references after one round from K random particles "
+                             "(as bench/round_speed.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.j)
     torch.set_flush_denormal(True)
@@ -57,26 +60,31 @@ def main(argv: list[str] | None = None) -> int:
                        torch.device("cpu"))
 
     exhaustive = refiner(0.0)
-    refs = bl.template_references(templates, box) * exhaustive.solvent_mask
-    refs = refs * bl._moment_scale(ws, refs)
     log_prior = np.full(k, -np.log(k))
+    if args.references == "true":
+        refs = bl.template_references(templates, box) * exhaustive.solvent_mask
+        refs = refs * bl._moment_scale(ws, refs)
+    else:
+        rows = np.random.default_rng(0).choice(len(ws), k, replace=False)
+        _, state = refiner(args.search_margin).bsk_step(ws.flipped[rows] * exhaustive.solvent_mask, log_prior)
+        refs, log_prior = state.refs, state.log_prior
     prior = torch.from_numpy(log_prior).float()
     loglik, pose, seconds = timed_expectation(exhaustive, refs, prior)
     labels = posterior(loglik, log_prior).argmax(1)
     rows = np.arange(len(labels))
     print(f"{args.sim.name}: {len(ws)} particles, K = {k}, working box {box}, psi {args.psi_step}°, "
           f"{args.j} threads; exhaustive E-step {seconds:.1f} s")
-    for name, screen_from in (("band pass", 10 ** 9), ("screen + band pass", search.SCREEN_MIN_CLASSES)):
-        search.SCREEN_MIN_CLASSES = screen_from
-        ref = refiner(args.search_margin)
-        shortlist = ref.shortlist(refs, prior)
-        loglik2, pose2, seconds = timed_expectation(ref, refs, prior)
-        labels2 = posterior(loglik2, log_prior).argmax(1)
-        missed = ~shortlist.chosen.numpy()[rows, labels]
-        same_pose = pose[rows, labels] == pose2[rows, labels]
-        print(f"  {name:<19} margin {args.search_margin:g}: {shortlist.mean_classes:5.1f} classes scored "
-              f"exactly, missed best class {missed.mean():.2%}, labels agree {np.mean(labels == labels2):.2%}, "
-              f"poses agree {same_pose.mean():.2%}; E-step {seconds:.1f} s (shortlist included)")
+    ref = refiner(args.search_margin)
+    shortlist = ref.shortlist(refs, prior)
+    loglik2, pose2, seconds = timed_expectation(ref, refs, prior)
+    labels2 = posterior(loglik2, log_prior).argmax(1)
+    missed = ~shortlist.chosen.numpy()[rows, labels]
+    same_pose = pose[rows, labels] == pose2[rows, labels]
+    error = np.abs(loglik2 - loglik)[rows, labels]
+    print(f"  class search, margin {args.search_margin:g}: {shortlist.mean_classes:.1f} classes scored exactly, "
+          f"missed best class {missed.mean():.2%}, labels agree {np.mean(labels == labels2):.2%}, poses agree "
+          f"{same_pose.mean():.2%}, own-class log-likelihood off by at most {error.max():.3g} nats; "
+          f"E-step {seconds:.1f} s")
     return 0
 
 
