@@ -257,12 +257,12 @@ def kept_rotation_scores(images: torch.Tensor, templates: torch.Tensor, keep: to
     n_shifts = templates.shape[0] // n_psi
     if float(keep.float().mean()) > DENSE_ROTATION_SHARE:
         scores = (images @ templates.t()).view(m, n_psi, n_shifts)
-    else:
-        scores = images.new_full((m, n_psi, n_shifts), -np.inf)
-        for r in torch.nonzero(keep.any(0)).flatten().tolist():
-            rows = torch.nonzero(keep[:, r]).flatten()
-            scores[rows, r] = images[rows] @ templates[r * n_shifts:(r + 1) * n_shifts].t()
-    return scores.masked_fill_(~keep.unsqueeze(2), -np.inf).view(m, -1)
+        return scores.masked_fill_(~keep.unsqueeze(2), -np.inf).view(m, -1)
+    scores = images.new_full((m, n_psi, n_shifts), -np.inf)              # left -inf where not kept
+    for r in torch.nonzero(keep.any(0)).flatten().tolist():
+        rows = torch.nonzero(keep[:, r]).flatten()
+        scores[rows, r] = images[rows] @ templates[r * n_shifts:(r + 1) * n_shifts].t()
+    return scores.view(m, -1)
 
 
 def chunk_size(n_templates: int, budget: int = 1 << 25) -> int:

@@ -88,10 +88,6 @@ def unpack_rotations(packed: torch.Tensor, n_psi: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], -1)[..., :n_psi]
 
 
-def every_rotation(n: int, k: int, n_psi: int) -> torch.Tensor:
-    return torch.full((n, k, (n_psi + 7) // 8), 255, dtype=torch.uint8)
-
-
 class BandPass:
     """Class log-likelihoods of a :class:`Refiner`'s particles on the Fourier coefficients up to
     ``shell``, marginalised over the poses of its grid."""
@@ -159,7 +155,7 @@ class BandPass:
         k, n, p = spectra.shape[0], len(features), self.n_poses
         offset = self.offsets(spectra)
         loglik, best_pose = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
-        rotations = every_rotation(n, k, spectra.shape[1])
+        rotations = torch.empty(n, k, (spectra.shape[1] + 7) // 8, dtype=torch.uint8)   # every entry filled below
         group = max(1, TEMPLATE_BUDGET // (p * self.features.shape[1]))
         batch = max(16, min(8192, (1 << 25) // (group * p)))
         for first in range(0, k, group):
@@ -194,9 +190,12 @@ class CoarseSearch:
     def __init__(self, fine: Refiner, margin: float):
         self.fine, self.margin = fine, margin
         self.band = BandPass(fine, band_shell(fine.ws.box_size), margin + ROTATION_SLACK)
-        self.shell = self.band.shell
         logger.debug("coarse class search: %d Fourier coefficients up to shell %d (%d masked pixels)",
                      len(self.band.rows), self.shell, fine.op.n_masked)
+
+    @property
+    def shell(self) -> int:
+        return self.band.shell
 
     @staticmethod
     def applies(refiner: Refiner) -> bool:
