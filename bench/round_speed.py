@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu, wall = time.process_time(), time.perf_counter()
     ref.bsk_step(state.refs, state.log_prior)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    shortlist = ref.shortlist(state.refs, torch.from_numpy(state.log_prior).float())
+    shortlist = ref.last_shortlist
     scored = f"{shortlist.mean_classes:.1f}" if shortlist is not None else str(args.K)
     print(f"K = {args.K}, {len(ws)} particles, working box {box}, psi {args.psi_step}°, "
           f"search margin {args.search_margin:g}, {args.j} threads: "

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.sim.name}: {len(ws)} particles, K = {k}, working box {box}, psi {args.psi_step}°, "
           f"{args.j} threads; exhaustive E-step {seconds:.1f} s")
     ref = refiner(args.search_margin)
-    shortlist = ref.shortlist(refs, prior)
     loglik2, pose2, seconds = timed_expectation(ref, refs, prior)
+    shortlist = ref.last_shortlist                       # as the E-step widened it
     labels2 = posterior(loglik2, log_prior).argmax(1)
     missed = ~shortlist.chosen.numpy()[rows, labels]
     same_pose = pose[rows, labels] == pose2[rows, labels]

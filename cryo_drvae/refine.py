@@ -27,7 +27,7 @@ from .distributed import Comm
 from .fourier import centred_radius, lowpass, rfft_weights, shell_index, shell_sum, wiener_filter
 from .preprocess import WorkingSet
 from .progress import bar as tqdm
-from .search import MIN_SHORTLISTED_CLASSES, CoarseSearch, Shortlist
+from .search import MIN_SHORTLISTED_CLASSES, CoarseSearch, Shortlist, high_band_allowance
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class Refiner:
         self.batch = chunk_size(cfg.n_classes * self.grid.n_poses)
         self.shortlist_batch = chunk_size(SHORTLIST_ROW_CLASSES * self.grid.n_poses)
         self._search: CoarseSearch | None = None
+        self.last_shortlist: Shortlist | None = None   # the last E-step's, widened (for the benches)
         logger.debug("alignment grid: %d rotations x %d shifts, %d mask pixels",
                      len(self.grid.psi_deg), len(self.grid.shifts), self.op.n_masked)
 
@@ -238,7 +239,9 @@ class Refiner:
             if shortlist is None:
                 class_ll, arg, scored = score_every_class(chunk, templates, offset)
             else:
-                class_ll, arg, scored = score_shortlisted(chunk, templates, offset, shortlist, part)
+                allowance = high_band_allowance(ctf2, power.to(self.device), shortlist.shell, self.ws.noise_var)
+                class_ll, arg, scored = score_shortlisted(chunk, templates, offset, shortlist, part,
+                                                          prior, allowance)
             if soft_statistics:
                 joint = class_ll + prior[None]
                 if shortlist is not None:
@@ -258,6 +261,10 @@ class Refiner:
             loglik[part] = class_ll.cpu().numpy()
             best_pose[part] = arg.cpu().numpy()
         progress.close()
+        self.last_shortlist = shortlist
+        if shortlist is not None:
+            logger.debug("coarse search: %.1f of %d classes per particle scored exactly",
+                         shortlist.mean_classes, k)
         if not soft_statistics:
             return loglik, best_pose, None
         weights = ctf2_sums.new_zeros(k)  # filled by the caller from the posteriors
@@ -271,10 +278,7 @@ class Refiner:
             return None
         if self._search is None:
             self._search = CoarseSearch(self, self.cfg.search_margin)
-        shortlist = self._search.shortlist(refs, log_prior)
-        logger.debug("coarse search: %.1f of %d classes per particle scored exactly",
-                     shortlist.mean_classes, refs.shape[0])
-        return shortlist
+        return self._search.shortlist(refs, log_prior)
 
     # ---- model evidence: the likelihood with the references integrated out ----------------
     def log_evidence(self, state: EMState, power: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -435,19 +439,37 @@ class ClassTemplates:
 
 
 def score_shortlisted(chunk: torch.Tensor, templates: ClassTemplates, offset: torch.Tensor,
-                      shortlist: Shortlist, part: slice) -> tuple[torch.Tensor, torch.Tensor, list[ScoredRows]]:
-    """As :func:`score_every_class` for the shortlisted (particle, class) pairs only; the other
-    pairs get the coarse log-likelihood moved by the particle's fine-minus-coarse difference on
-    its class of best coarse log-posterior (so their log-posterior stays at least the margin below
-    its best) and the coarse pose."""
+                      shortlist: Shortlist, part: slice, prior: torch.Tensor, allowance: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[ScoredRows]]:
+    """As :func:`score_every_class` for the shortlisted (particle, class) pairs, then for every other
+    pair whose band log-posterior plus ``allowance`` (:func:`search.high_band_allowance`) reaches
+    the particle's best exact log-posterior (``shortlist.chosen`` is widened to them). The pairs
+    left get the coarse log-likelihood moved by the particle's fine-minus-coarse difference on
+    its class of best coarse log-posterior, and the coarse pose."""
     chosen = shortlist.chosen[part].to(chunk.device)
     coarse = shortlist.coarse_ll[part].to(chunk.device)
     class_ll = torch.empty_like(offset)
     arg = shortlist.fine_pose[part].to(chunk.device).clone()
+    scored = score_pairs(chunk, templates, offset, shortlist, part, chosen, class_ll, arg)
+    best = (class_ll + prior[None]).masked_fill(~chosen, -np.inf).amax(1, keepdim=True)
+    reach = ~chosen & (coarse + prior[None] + allowance >= best)
+    if reach.any():
+        scored += score_pairs(chunk, templates, offset, shortlist, part, reach, class_ll, arg)
+        chosen |= reach
+        shortlist.chosen[part] = chosen.to(shortlist.chosen.device)
+    top = shortlist.best[part].to(chunk.device)                              # chosen by construction
+    moved = coarse + (class_ll.gather(1, top) - coarse.gather(1, top))
+    return torch.where(chosen, class_ll, moved), arg, scored
+
+
+def score_pairs(chunk: torch.Tensor, templates: ClassTemplates, offset: torch.Tensor, shortlist: Shortlist,
+                part: slice, pairs: torch.Tensor, class_ll: torch.Tensor, arg: torch.Tensor) -> list[ScoredRows]:
+    """Exact log-likelihoods and best poses of the ``(c, K)`` ``pairs`` of a chunk, written into
+    ``class_ll`` and ``arg``, on the rotations the band pass kept; their pose weights."""
     scored = []
     n_psi = templates.op.grid.psi_deg.size
-    for j in torch.nonzero(chosen.any(0)).flatten().tolist():
-        rows = torch.nonzero(chosen[:, j]).flatten()
+    for j in torch.nonzero(pairs.any(0)).flatten().tolist():
+        rows = torch.nonzero(pairs[:, j]).flatten()
         keep = shortlist.rotations_of(rows.cpu() + part.start, j, n_psi).to(chunk.device)
         scores = kept_rotation_scores(chunk[rows], templates[j], keep)     # (m, P)
         best, arg[rows, j] = scores.max(dim=1)
@@ -455,9 +477,7 @@ def score_shortlisted(chunk: torch.Tensor, templates: ClassTemplates, offset: to
         within = spread.sum(1)
         class_ll[rows, j] = best + within.log() + offset[rows, j]
         scored.append((rows, j, spread, within))
-    top = shortlist.best[part].to(chunk.device)                              # chosen by construction
-    moved = coarse + (class_ll.gather(1, top) - coarse.gather(1, top))
-    return torch.where(chosen, class_ll, moved), arg, scored
+    return scored
 
 
 def floored_log_prior(shares: NDArray, floor: float) -> NDArray:
