@@ -175,6 +175,28 @@ def test_evidence_charges_a_split_view_that_the_likelihood_rewards(hvr_set):
 
 
 @needs_structures
+def test_cross_validated_likelihood_does_not_reward_a_split_view(hvr_set):
+    # the bench's third judge (bench/objective_check.py): each half of the particles is scored
+    # against references made from the other half, so two halves of one view gain nothing
+    from bench.objective_check import cross_validated_log_likelihood, split_halves
+    ref = refiner_for(hvr_set)
+    views = template_state(ref, hvr_set)
+    for _ in range(2):
+        views = ref.em_step(views.refs, views.log_prior, floor=0.0)
+    labels = posterior(views.loglik, views.log_prior).argmax(1)
+    poses = views.best_pose[np.arange(len(labels)), labels]
+    halves = labels.copy()
+    halves[np.nonzero(labels == 0)[0][::2]] = 6
+    refs = ref.references(ref.statistics_from_labels(halves, poses, n_classes=7))
+    split = EMState(refs, np.log(np.bincount(halves, minlength=7) / len(halves)), None, None)
+    for _ in range(3):
+        split = ref.em_step(split.refs, split.log_prior, floor=0.0)
+    _, parts = split_halves(ref)
+    assert total_log_likelihood(split) > total_log_likelihood(views)
+    assert cross_validated_log_likelihood(parts, split) < cross_validated_log_likelihood(parts, views)
+
+
+@needs_structures
 def test_split_keeps_the_priors_finite_and_normalised(hvr_set):
     ref = refiner_for(hvr_set)
     state = template_state(ref, hvr_set)
