@@ -317,6 +317,16 @@ def fit_template_scale(refiner: Refiner, refs: torch.Tensor, start: float) -> fl
     return float(np.exp(max(candidates)[1]))
 
 
+def true_template_state(refiner: Refiner, templates_path: Path) -> EMState:
+    """The true templates at the refiner's working box, solvent-masked, at the amplitude that fits
+    the data best (what a perfect discovery would find); uniform class priors, no E-step yet."""
+    with mrcfile.open(templates_path, permissive=True) as mrc:
+        refs = template_references(np.array(mrc.data), refiner.ws.box_size) * refiner.solvent_mask
+    refs = refs * fit_template_scale(refiner, refs, _moment_scale(refiner.ws, refs))
+    k = refs.shape[0]
+    return EMState(refs, np.full(k, -np.log(k)), None, None)
+
+
 def class_prior_em(loglik: NDArray, n_iter: int = 200) -> NDArray:
     """Class proportions maximising the likelihood for fixed class log-likelihoods ``(n, K)``."""
     n, k = loglik.shape

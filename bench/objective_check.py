@@ -23,30 +23,25 @@ import sys
 import time
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import benchlib as bl  # noqa: E402
-from cryo_drvae.checks import background_radius_px  # noqa: E402
-from cryo_drvae.config import ClusterConfig  # noqa: E402
-from cryo_drvae.ctf import params_from_particles  # noqa: E402
+from cryo_drvae import pipeline  # noqa: E402
+from cryo_drvae.config import RunConfig  # noqa: E402
+from cryo_drvae.distributed import Comm  # noqa: E402
 from cryo_drvae.evaluate import score_labels  # noqa: E402
-from cryo_drvae.preprocess import choose_working_box, plan_preparation, prepare_working_set  # noqa: E402
 from cryo_drvae.refine import EMState, Refiner, posterior, total_log_likelihood  # noqa: E402
 from cryo_drvae.splitting import grow_classes  # noqa: E402
-from cryo_drvae.stack import ParticleStack  # noqa: E402
-from cryo_drvae.star_io import pixel_sizes, read_particles  # noqa: E402
 
 
-def split_halves(refiner: Refiner, seed: int = 0) -> tuple[list[np.ndarray], list[Refiner]]:
-    """The particles dealt at random into two halves, and a refiner for each."""
-    n = len(refiner.ws)
-    first = np.random.default_rng(seed).permutation(n) % 2 == 0
-    rows = [np.nonzero(first)[0], np.nonzero(~first)[0]]
-    return rows, [Refiner(refiner.ws.subset(r), refiner.cfg, refiner.device) for r in rows]
+def split_halves(refiner: Refiner, seed: int = 0) -> list[Refiner]:
+    """A refiner for each of two random halves of the particles."""
+    first = np.random.default_rng(seed).permutation(len(refiner.ws)) % 2 == 0
+    return [Refiner(refiner.ws.subset(np.nonzero(side)[0]), refiner.cfg, refiner.device)
+            for side in (first, ~first)]
 
 
 def cross_validated_log_likelihood(halves: list[Refiner], state: EMState) -> float:
@@ -68,36 +63,26 @@ def cross_validated_log_likelihood(halves: list[Refiner], state: EMState) -> flo
     return total
 
 
-def prepared_refiner(sim: bl.SimulatedSet, cluster: ClusterConfig) -> Refiner:
-    """The working set and refiner of ``sim`` as ``classify`` prepares them."""
-    table = read_particles(sim.star_path)
-    stack = ParticleStack.from_table(table, data_dir=sim.star_path.parent)
-    ctf = params_from_particles(table.per_particle(), str(table.path))
-    pixel_size, diameter = float(pixel_sizes(table)[0]), sim.config.diameter
-    stack.normalise(background_radius_px(diameter, stack.box_size, pixel_size))
-    box = choose_working_box(stack.box_size, pixel_size, 0, diameter)
-    ws = prepare_working_set(stack, plan_preparation(stack, ctf, pixel_size, diameter, box, sim.config.seed))
+def prepared_refiner(sim: bl.SimulatedSet, threads: int) -> Refiner:
+    """The working set and refiner of ``sim`` made by ``classify``'s own stages, with the options
+    the bench passes (``benchlib.cryo_drvae_command``)."""
+    cfg = RunConfig.from_options(particles_star=str(sim.star_path), data_dir=str(sim.star_path.parent),
+                                 n_classes=sim.config.n_classes, particle_diameter=sim.config.diameter,
+                                 seed=sim.config.seed, threads=threads)
+    table = pipeline.read_particles(cfg)
+    stack = pipeline.read_stack(table, cfg)
+    _, ws = pipeline.prepare(stack, pipeline.read_ctf(table, cfg), pipeline.single_pixel_size(table), cfg,
+                             Comm(), None, lambda: False)
     stack.close()
-    return Refiner(ws, cluster, torch.device("cpu"))
-
-
-def true_template_state(refiner: Refiner, sim: bl.SimulatedSet) -> EMState:
-    """The true templates at the working box and the amplitude that fits the data best."""
-    with mrcfile.open(sim.templates_path, permissive=True) as mrc:
-        refs = bl.template_references(np.array(mrc.data), refiner.ws.box_size) * refiner.solvent_mask
-    refs = refs * bl.fit_template_scale(refiner, refs, bl._moment_scale(refiner.ws, refs))
-    k = refs.shape[0]
-    return EMState(refs, np.full(k, -np.log(k)), None, None)
+    return Refiner(ws, cfg.cluster, torch.device("cpu"))
 
 
 def report(name: str, refiner: Refiner, halves: list[Refiner], state: EMState, truth: np.ndarray) -> None:
-    """One line: the three criteria of ``state`` (after one E-step on its references) and its accuracy."""
-    scored = refiner.em_step(state.refs, state.log_prior, floor=0.0)
-    scored = EMState(state.refs, state.log_prior, scored.loglik, scored.best_pose)
-    labels = posterior(scored.loglik, scored.log_prior).argmax(1)
-    print(f"{name:24s} log-likelihood {total_log_likelihood(scored):11.1f}   "
-          f"log evidence {refiner.log_evidence(scored)[0]:11.1f}   "
-          f"cross-validated {cross_validated_log_likelihood(halves, scored):11.1f}   "
+    """One line: the three criteria of ``state`` (its ``loglik`` that of its own references) and its accuracy."""
+    labels = posterior(state.loglik, state.log_prior).argmax(1)
+    print(f"{name:24s} log-likelihood {total_log_likelihood(state):11.1f}   "
+          f"log evidence {refiner.log_evidence(state)[0]:11.1f}   "
+          f"cross-validated {cross_validated_log_likelihood(halves, state):11.1f}   "
           f"accuracy {score_labels(truth, labels).accuracy:.3f}", flush=True)
 
 
@@ -115,17 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.j)
     sim = bl.simulate_cached(bl.SETS[args.set], Path(args.work_dir))
     truth = sim.labels
-    k = sim.config.n_classes
-    refiner = prepared_refiner(sim, ClusterConfig(n_classes=k))
-    _, halves = split_halves(refiner)
+    refiner = prepared_refiner(sim, args.j)
+    halves = split_halves(refiner)
     started = time.perf_counter()
-    grown = grow_classes(refiner, k)
+    grown = grow_classes(refiner, sim.config.n_classes)     # its loglik is its own references'
     print(f"classes grown in {time.perf_counter() - started:.0f} s", flush=True)
     report("grown (classify's start)", refiner, halves, grown, truth)
-    state = true_template_state(refiner, sim)
+    state = bl.true_template_state(refiner, sim.templates_path)
     for step in range(args.em_steps + 1):
-        report(f"true templates + {step} EM", refiner, halves, state, truth)
-        state = refiner.em_step(state.refs, state.log_prior, floor=0.0)
+        stepped = refiner.em_step(state.refs, state.log_prior, floor=0.0)   # one E-step scores and steps
+        report(f"true templates + {step} EM", refiner, halves,
+               EMState(state.refs, state.log_prior, stepped.loglik, stepped.best_pose), truth)
+        state = stepped
     labels = posterior(grown.loglik, grown.log_prior).argmax(1)
     print("\ngrown classes (columns) against the true views (rows):")
     print(pd.crosstab(pd.Series(truth, name="view"), pd.Series(labels + 1, name="class")).to_string())
