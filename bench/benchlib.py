@@ -100,10 +100,15 @@ def _protein(name: str, snr: float, seed: int, n_particles: int = 2000, **extra:
                             pdb_files=files, seed=seed, **extra)
 
 
+def structures_available() -> bool:
+    """Whether every atomic model of ``PROTEINS`` is in ``../shared/data/structures``."""
+    return all((STRUCTURES / f).exists() for files in PROTEINS.values() for f in files)
+
+
 def _protein_sets() -> list[BenchSet]:
     """Each family at ``PROTEIN_SEEDS`` (simulated data and run seed both vary): mean and worst.
     None without the atomic models of ``../shared`` (the pixel size is read from them)."""
-    if not all((STRUCTURES / f).exists() for files in PROTEINS.values() for f in files):
+    if not structures_available():
         logger.warning("%s: atomic models not found; the real-protein sets are left out", STRUCTURES)
         return []
     families = {

@@ -7,8 +7,9 @@ dropped from the page cache (``posix_fadvise DONTNEED``, so each pass reads from
 the kernel keeps the pages):
 
 * ``read``: raw images only (``ParticleStack.read`` per batch, as the workers run it);
-* ``read + prepare``: ``prepare_working_set`` as ``classify`` runs it (Fourier crop, whitening,
-  CTF, phase flip), rows kept in RAM.
+* ``read + prepare``: ``prepare_working_set`` on the stack that ``pipeline.plan_working_set``
+  normalised and planned, as ``classify`` runs it (normalisation, Fourier crop, whitening, CTF,
+  phase flip), rows kept in RAM.
 
 Prints images/s and MB/s of stack data for each.
 """
@@ -25,13 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cryo_drvae.config import DIAMETER_FRACTION  # noqa: E402
-from cryo_drvae.ctf import params_from_particles  # noqa: E402
-from cryo_drvae.preprocess import (choose_working_box, plan_preparation, prepare_working_set,  # noqa: E402
-                                   read_batch_size)
+from cryo_drvae import pipeline  # noqa: E402
+from cryo_drvae.config import RunConfig  # noqa: E402
+from cryo_drvae.preprocess import prepare_working_set, read_batch_size  # noqa: E402
 from cryo_drvae.stack import ParticleStack  # noqa: E402
-from cryo_drvae.star_io import pixel_sizes, read_particles  # noqa: E402
-
 
 class RawBatches(torch.utils.data.Dataset):
     """Batch ``i`` of raw images, as the preparation workers read it (no preparation)."""
@@ -70,15 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="passes per setting (the best is printed)")
     args = parser.parse_args(argv)
 
-    table = read_particles(args.i)
-    stack = ParticleStack.from_table(table)
+    cfg = RunConfig.from_options(particles_star=str(args.i))
+    table = pipeline.read_particles(cfg)
+    raw = pipeline.read_stack(table, cfg)                  # raw reads: not normalised
+    stack = pipeline.read_stack(table, cfg)                # normalised and planned as classify does
+    plan = pipeline.plan_working_set(stack, pipeline.read_ctf(table, cfg), pipeline.single_pixel_size(table), cfg)
+    box = plan.working_box
     stacks = sorted({stack.location(i).stack_path for i in range(stack.n_particles)})
     megabytes = sum(p.stat().st_size for p in stacks) / 1e6
-    pixel = float(pixel_sizes(table)[0])
-    diameter = DIAMETER_FRACTION * stack.box_size * pixel
-    box = choose_working_box(stack.box_size, pixel, particle_diameter=diameter)
-    plan = plan_preparation(stack, params_from_particles(table.per_particle(), str(table.path)),
-                            pixel, diameter, box, 0)
     batch = read_batch_size(stack.box_size)
     n = stack.n_particles
     print(f"{n} particles, box {stack.box_size} px, {len(stacks)} stacks, {megabytes:.0f} MB; "
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):
         def read_only() -> None:
-            loader = torch.utils.data.DataLoader(RawBatches(stack, batch), batch_size=None, num_workers=workers)
+            loader = torch.utils.data.DataLoader(RawBatches(raw, batch), batch_size=None, num_workers=workers)
             assert sum(loader) == n
 
         def read_and_prepare() -> None:
@@ -96,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in (("read", read_only), ("read + prepare", read_and_prepare)):
             best = np.inf
             for _ in range(args.repeat):
-                stack.close()                     # mapped pages cannot be dropped
+                raw.close()                       # mapped pages cannot be dropped
+                stack.close()
                 drop_page_cache(stacks)
                 best = min(best, timed(run))
             print(f"| {workers} | {name} | {best:.2f} | {n / best:,.0f} | {megabytes / best:,.0f} |", flush=True)

@@ -147,14 +147,19 @@ def single_pixel_size(table: ParticleTable) -> float:
     return float(sizes[0])
 
 
-def prepare(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, cfg: RunConfig, comm: Comm,
-            scratch: Path | None, abort: Callable[[], bool]) -> tuple[Preparation, WorkingSet]:
-    """Normalise the stack, plan the working box, and prepare this rank's share of the particles."""
+def plan_working_set(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, cfg: RunConfig) -> Preparation:
+    """Normalise the stack and plan the working box and whitening."""
     diameter = cfg.diameter_angst(stack.box_size, pixel_size)
     checks.check_particle_diameter(diameter, stack.box_size, pixel_size)
     stack.normalise(checks.background_radius_px(diameter, stack.box_size, pixel_size))
     box = choose_working_box(stack.box_size, pixel_size, cfg.data.working_box, diameter)
-    plan = plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
+    return plan_preparation(stack, ctf, pixel_size, diameter, box, cfg.seed)
+
+
+def prepare(stack: ParticleStack, ctf: CtfParams | None, pixel_size: float, cfg: RunConfig, comm: Comm,
+            scratch: Path | None, abort: Callable[[], bool]) -> tuple[Preparation, WorkingSet]:
+    """Normalise the stack, plan the working box, and prepare this rank's share of the particles."""
+    plan = plan_working_set(stack, ctf, pixel_size, cfg)
     mine = np.arange(stack.n_particles)[comm.shard(stack.n_particles)]
     return plan, prepare_working_set(stack, plan, mine, scratch, loader_workers(cfg, len(mine)),
                                      should_abort=abort)

@@ -121,7 +121,7 @@ def test_relion_time_is_extrapolated_from_iteration_file_times(tmp_path):
     assert bl.extrapolate_relion(measured, prefix, 25, 25) is measured
 
 
-@pytest.mark.skipif(not (bl.STRUCTURES / "1hvr.pdb").exists(), reason="no ../shared structures")
+@pytest.mark.skipif(not bl.structures_available(), reason="no ../shared structures")
 def test_protein_families_come_at_three_seeds():
     """Real-protein families, each at three seeds, simulated from ../shared/data/structures."""
     assert [s.name for s in bl.parse_sets("kpr-0.01")] == ["kpr-0.01-s1", "kpr-0.01-s2", "kpr-0.01-s3"]
